@@ -1,0 +1,1 @@
+"""CLI verbs: adapters (being built)."""
