@@ -1,0 +1,439 @@
+"""Which weights two tasks share: overlap of SBoRA regions, exact and vectorised.
+
+Per module, in the ``(out, in)`` frame, an adapter touches a set of cells: FA -> all rows x its
+columns ``C``; FB -> its rows ``R`` x all columns; a plain LoRA -> every cell. Two adapters share
+
+    FA/FA: out * |C1 & C2|      FB/FB: |R1 & R2| * in      FA/FB: |R| * |C|
+    X/LoRA: cells(X)            LoRA/LoRA: out * in
+
+cells of a module, and nothing on a module only one of them touches. Adapters made for different
+base models (different shape fingerprints) are never compared: their reports say so.
+
+Two levels of API: ``compare``/``compare_all``/``check_against`` give per-module reports for a
+handful of adapters; ``RegionTable`` packs thousands of adapters into flat numpy arrays so that
+``one_vs_many`` (a bitmap gather) and ``all_pairs`` (pairs of entries sharing an index) run without
+Python loops over adapters or modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from sbora_reg.errors import FingerprintMismatchError, OverlapError, ShapeMismatchError
+
+FA, FB, LORA = 0, 1, 2
+VARIANT_CODES = {"fa": FA, "fb": FB, "lora": LORA}
+
+
+class RegionLike(Protocol):
+    """What overlap needs of a region (the registry's ``Region`` satisfies it)."""
+
+    @property
+    def variant(self) -> str: ...  # "fa" | "fb" | "lora"
+
+    @property
+    def shape(self) -> tuple[int, int]: ...  # (out, in)
+
+    @property
+    def indices(self) -> np.ndarray: ...  # columns (fa) or rows (fb); empty for lora
+
+
+@dataclass(frozen=True)
+class Region:
+    """A plain region value, for callers without a registry (tests, manifests)."""
+
+    variant: str
+    shape: tuple[int, int]
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Everything an adapter touches: its name, its base fingerprint, module -> region."""
+
+    name: str
+    base: str
+    regions: Mapping[str, RegionLike]
+
+
+@dataclass(frozen=True)
+class PairOverlap:
+    """Shared cells of two adapters, per module (only modules with a share) and in total."""
+
+    a: str
+    b: str
+    comparable: bool
+    modules: Mapping[str, int]
+    reason: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.modules.values())
+
+    @property
+    def overlaps(self) -> bool:
+        return self.total > 0
+
+
+def _code(region: RegionLike) -> int:
+    try:
+        return VARIANT_CODES[region.variant]
+    except KeyError:
+        raise ShapeMismatchError(f"unknown region variant {region.variant!r}") from None
+
+
+def touched_cells(region: RegionLike) -> int:
+    """Number of weights of its module a region touches."""
+    out, inn = region.shape
+    code = _code(region)
+    if code == FA:
+        return out * len(region.indices)
+    if code == FB:
+        return len(region.indices) * inn
+    return out * inn
+
+
+def shared_cells(a: RegionLike, b: RegionLike) -> int:
+    """Cells of one module that both regions touch (the semantics table above)."""
+    if tuple(a.shape) != tuple(b.shape):
+        raise ShapeMismatchError(f"regions of shapes {a.shape} and {b.shape} on one module")
+    out, inn = a.shape
+    ca, cb = _code(a), _code(b)
+    if ca == LORA:
+        return touched_cells(b)
+    if cb == LORA:
+        return touched_cells(a)
+    if ca != cb:  # FA x FB: their rows x our columns
+        return len(a.indices) * len(b.indices)
+    common = np.intersect1d(np.asarray(a.indices), np.asarray(b.indices)).size
+    return int(common) * (out if ca == FA else inn)
+
+
+def compare(a: Footprint, b: Footprint) -> PairOverlap:
+    """Per-module shared cells of two adapters; not comparable across base fingerprints."""
+    if a.base != b.base:
+        reason = f"different base models ({a.base[:12]} vs {b.base[:12]}): never compared"
+        return PairOverlap(a.name, b.name, comparable=False, modules={}, reason=reason)
+    modules = {}
+    for module in sorted(a.regions.keys() & b.regions.keys()):
+        cells = shared_cells(a.regions[module], b.regions[module])
+        if cells:
+            modules[module] = cells
+    return PairOverlap(a.name, b.name, comparable=True, modules=modules)
+
+
+def compare_all(footprints: Sequence[Footprint]) -> list[PairOverlap]:
+    """Every pair among a few adapters, in order (for thousands use ``RegionTable``)."""
+    return [
+        compare(footprints[i], footprints[j])
+        for i in range(len(footprints))
+        for j in range(i + 1, len(footprints))
+    ]
+
+
+def check_against(candidate: Footprint, members: Sequence[Footprint]) -> list[PairOverlap]:
+    """Overlaps of ``candidate`` with everything already in a set (e.g. a composition).
+
+    Raises ``FingerprintMismatchError`` when a member is on another base: a set mixes no bases.
+    """
+    found = []
+    for member in members:
+        report = compare(candidate, member)
+        if not report.comparable:
+            raise FingerprintMismatchError(
+                f"{candidate.name} and {member.name} are made for different base models"
+            )
+        if report.overlaps:
+            found.append(report)
+    return found
+
+
+def ensure_disjoint(footprints: Sequence[Footprint]) -> None:
+    """Raise ``OverlapError`` naming the first overlapping pair, checking each against all before."""
+    for i, candidate in enumerate(footprints):
+        clashes = check_against(candidate, footprints[:i])
+        if clashes:
+            first = clashes[0]
+            module, cells = next(iter(first.modules.items()))
+            raise OverlapError(
+                f"{first.a} and {first.b} touch the same weights ({first.total} cells, e.g. "
+                f"{cells} in {module}): allocate disjoint regions or leave one of them out"
+            )
+
+
+# --------------------------------------------------------------------------- vectorised: many
+
+
+@dataclass
+class RegionTable:
+    """Regions of many adapters on one base packed into flat arrays.
+
+    Each (adapter, module) pair is a *segment*; its indices are stored as global keys in one
+    index space per (module, axis): rows of module m at ``row_offset[m] + r``, columns at
+    ``col_offset[m] + c``. Same-variant overlap is then equality of keys.
+    """
+
+    base: str
+    names: list[str]
+    modules: list[str]
+    out: np.ndarray  # (M,) int64
+    inn: np.ndarray  # (M,) int64
+    seg_adapter: np.ndarray  # (S,) int64, non-decreasing
+    seg_module: np.ndarray  # (S,) int64
+    seg_variant: np.ndarray  # (S,) int8
+    seg_count: np.ndarray  # (S,) int64, number of indices
+    keys: np.ndarray  # (E,) int64, E = seg_count.sum(), segments in order
+
+    @property
+    def row_offset(self) -> np.ndarray:
+        return np.concatenate(([0], np.cumsum(self.out + self.inn)[:-1])).astype(np.int64)
+
+    @property
+    def col_offset(self) -> np.ndarray:
+        return self.row_offset + self.out
+
+    @property
+    def space_size(self) -> int:
+        return int((self.out + self.inn).sum())
+
+    @classmethod
+    def from_footprints(cls, footprints: Sequence[Footprint]) -> RegionTable:
+        """Pack adapters of one base (``FingerprintMismatchError`` on a mixed list)."""
+        bases = {fp.base for fp in footprints}
+        if len(bases) > 1:
+            raise FingerprintMismatchError("a region table holds adapters of one base model only")
+        shapes: dict[str, tuple[int, int]] = {}
+        for fp in footprints:
+            for module, region in fp.regions.items():
+                shape = (int(region.shape[0]), int(region.shape[1]))
+                if shapes.setdefault(module, shape) != shape:
+                    raise ShapeMismatchError(f"{module} has shapes {shapes[module]} and {shape}")
+        modules = sorted(shapes)
+        mid = {m: i for i, m in enumerate(modules)}
+        out = np.array([shapes[m][0] for m in modules], dtype=np.int64)
+        inn = np.array([shapes[m][1] for m in modules], dtype=np.int64)
+        seg_a, seg_m, seg_v, idx_parts = [], [], [], []
+        for a, fp in enumerate(footprints):
+            for module, region in fp.regions.items():
+                seg_a.append(a)
+                seg_m.append(mid[module])
+                seg_v.append(_code(region))
+                idx_parts.append(np.asarray(region.indices, dtype=np.int64))
+        return cls.from_arrays(
+            base=bases.pop() if bases else "",
+            names=[fp.name for fp in footprints],
+            modules=modules,
+            out=out,
+            inn=inn,
+            seg_adapter=np.asarray(seg_a, dtype=np.int64),
+            seg_module=np.asarray(seg_m, dtype=np.int64),
+            seg_variant=np.asarray(seg_v, dtype=np.int8),
+            indices=idx_parts,
+        )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        *,
+        base: str,
+        names: list[str],
+        modules: list[str],
+        out: np.ndarray,
+        inn: np.ndarray,
+        seg_adapter: np.ndarray,
+        seg_module: np.ndarray,
+        seg_variant: np.ndarray,
+        indices: Sequence[np.ndarray] | tuple[np.ndarray, np.ndarray],
+    ) -> RegionTable:
+        """Pack segments; ``indices`` is one array per segment or ``(flat, counts)``.
+
+        Segments are reordered by adapter; LoRA segments carry no indices.
+        """
+        if isinstance(indices, tuple):
+            flat, counts = (np.asarray(x, dtype=np.int64) for x in indices)
+        else:
+            counts = np.array([len(x) for x in indices], dtype=np.int64)
+            flat = np.concatenate(list(indices)) if len(indices) else np.zeros(0, np.int64)
+            flat = flat.astype(np.int64, copy=False)
+        seg_adapter = np.asarray(seg_adapter, dtype=np.int64)
+        seg_module = np.asarray(seg_module, dtype=np.int64)
+        seg_variant = np.asarray(seg_variant, dtype=np.int8)
+        if np.any(seg_adapter[1:] < seg_adapter[:-1]):
+            order = np.argsort(seg_adapter, kind="stable")
+            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            flat = np.concatenate([flat[s : s + c] for s, c in zip(starts[order], counts[order])])
+            seg_adapter, seg_module = seg_adapter[order], seg_module[order]
+            seg_variant, counts = seg_variant[order], counts[order]
+        table = cls(
+            base=base,
+            names=list(names),
+            modules=list(modules),
+            out=np.asarray(out, dtype=np.int64),
+            inn=np.asarray(inn, dtype=np.int64),
+            seg_adapter=seg_adapter,
+            seg_module=seg_module,
+            seg_variant=seg_variant,
+            seg_count=counts,
+            keys=np.zeros(0, dtype=np.int64),
+        )
+        seg_dim = np.where(seg_variant == FA, table.inn[seg_module], table.out[seg_module])
+        entry_seg = np.repeat(np.arange(len(counts)), counts)
+        if flat.size and (np.any(flat < 0) or np.any(flat >= seg_dim[entry_seg])):
+            raise ShapeMismatchError("a region index is out of range for its module")
+        # FA keys live in the module's column space, FB keys in its row space.
+        seg_base = np.where(
+            seg_variant == FA, table.col_offset[seg_module], table.row_offset[seg_module]
+        )
+        table.keys = flat + seg_base[entry_seg]
+        return table
+
+    def index_of(self, name: str) -> int:
+        return self.names.index(name)
+
+    def _seg_cells(self) -> np.ndarray:
+        o, i = self.out[self.seg_module], self.inn[self.seg_module]
+        v, c = self.seg_variant, self.seg_count
+        return np.where(v == FA, o * c, np.where(v == FB, c * i, o * i))
+
+
+@dataclass(frozen=True)
+class ManyOverlap:
+    """Shared cells of one adapter with each adapter of a table (``totals[j]`` for ``names[j]``)."""
+
+    query: str
+    names: list[str]
+    totals: np.ndarray  # (N,) int64
+    comparable: bool
+    reason: str = ""
+
+    def overlapping(self) -> list[tuple[str, int]]:
+        """``(name, shared cells)`` of the adapters that share any weight, most shared first."""
+        hit = np.flatnonzero(self.totals > 0)
+        hit = hit[np.argsort(-self.totals[hit], kind="stable")]
+        return [(self.names[j], int(self.totals[j])) for j in hit if self.names[j] != self.query]
+
+
+def _query_arrays(query: Footprint, table: RegionTable) -> tuple[np.ndarray, ...]:
+    """Per module of the table: query variant code (-1 none), index count, cells; and bitmap."""
+    mid = {m: i for i, m in enumerate(table.modules)}
+    qv = np.full(len(table.modules), -1, dtype=np.int8)
+    qc = np.zeros(len(table.modules), dtype=np.int64)
+    bitmap = np.zeros(table.space_size, dtype=bool)
+    row_off, col_off = table.row_offset, table.col_offset
+    for module, region in query.regions.items():
+        m = mid.get(module)
+        if m is None:  # nobody in the table touches it
+            continue
+        if (table.out[m], table.inn[m]) != tuple(region.shape):
+            raise ShapeMismatchError(f"{module} has shape {region.shape} in {query.name}")
+        qv[m] = _code(region)
+        qc[m] = len(region.indices)
+        if qv[m] != LORA:
+            offset = col_off[m] if qv[m] == FA else row_off[m]
+            bitmap[offset + np.asarray(region.indices, dtype=np.int64)] = True
+    qcells = np.where(qv == FA, table.out * qc, np.where(qv == FB, qc * table.inn, 0))
+    qcells = np.where(qv == LORA, table.out * table.inn, qcells)
+    return qv, qc, qcells, bitmap
+
+
+def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
+    """Shared cells of ``query`` with every adapter in ``table``, vectorised over all of them.
+
+    One bitmap of the query's keys, one gather over all keys of the table, one segmented sum.
+    """
+    n = len(table.names)
+    if query.base != table.base:
+        reason = "different base models: never compared"
+        return ManyOverlap(query.name, table.names, np.zeros(n, np.int64), False, reason)
+    qv_m, qc_m, qcells_m, bitmap = _query_arrays(query, table)
+    hits = bitmap[table.keys]  # (E,) does this entry hit the query's set on that axis
+    inter = np.zeros(len(table.seg_count), dtype=np.int64)
+    nonempty = np.flatnonzero(table.seg_count > 0)
+    if nonempty.size:
+        starts = np.concatenate(([0], np.cumsum(table.seg_count)[:-1]))[nonempty]
+        inter[nonempty] = np.add.reduceat(hits, starts, dtype=np.int64)
+    m = table.seg_module
+    qv, qc, qcells = qv_m[m], qc_m[m], qcells_m[m]
+    v, c = table.seg_variant, table.seg_count
+    o, i = table.out[m], table.inn[m]
+    shared = np.select(
+        [
+            qv < 0,
+            (qv == LORA) | (v == LORA),
+            (qv == FA) & (v == FA),
+            (qv == FB) & (v == FB),
+        ],
+        [
+            0,
+            np.where(qv == LORA, table._seg_cells(), qcells),
+            inter * o,
+            inter * i,
+        ],
+        default=qc * c,  # FA x FB: |R| * |C|
+    )
+    totals = np.bincount(table.seg_adapter, weights=shared, minlength=n)
+    return ManyOverlap(query.name, table.names, np.rint(totals).astype(np.int64), True)
+
+
+def _same_axis_pairs(table: RegionTable, chunk: int = 4_000_000) -> np.ndarray:
+    """(N, N) shared cells from FA/FA and FB/FB: every two entries with one key share w cells."""
+    n = len(table.names)
+    acc = np.zeros(n * n, dtype=np.float64)
+    if table.keys.size == 0:
+        return acc.reshape(n, n)
+    # Weight of a key: a shared column spans `out` cells, a shared row spans `in` cells.
+    weight = np.zeros(table.space_size, dtype=np.float64)
+    for m in range(len(table.modules)):
+        r0, c0 = table.row_offset[m], table.col_offset[m]
+        weight[r0 : r0 + table.out[m]] = table.inn[m]
+        weight[c0 : c0 + table.inn[m]] = table.out[m]
+    entry_adapter = np.repeat(table.seg_adapter, table.seg_count)
+    order = np.argsort(table.keys, kind="stable")
+    keys, owner = table.keys[order], entry_adapter[order]
+    # Entries sharing a key are contiguous; each pairs with the later ones of its group.
+    new_group = np.concatenate(([True], keys[1:] != keys[:-1]))
+    group_id = np.cumsum(new_group) - 1
+    group_end = np.append(np.flatnonzero(new_group)[1:], keys.size)[group_id]
+    later = group_end - np.arange(keys.size) - 1
+    pos = np.flatnonzero(later)
+    later = later[pos]
+    bounds = np.searchsorted(np.cumsum(later), np.arange(chunk, later.sum() + chunk, chunk))
+    lo = 0
+    for hi in np.unique(np.append(bounds, pos.size)):
+        first_pos, cnt = pos[lo:hi], later[lo:hi]
+        if cnt.size:
+            first = np.repeat(first_pos, cnt)
+            step = np.arange(first.size) - np.repeat(np.cumsum(cnt) - cnt, cnt) + 1
+            pair = owner[first] * n + owner[first + step]
+            acc += np.bincount(pair, weights=weight[keys[first]], minlength=n * n)
+        lo = hi
+    same = acc.reshape(n, n)
+    return same + same.T
+
+
+def all_pairs(table: RegionTable) -> np.ndarray:
+    """(N, N) int64 matrix of shared cells between every two adapters (diagonal 0).
+
+    Memory is O(N^2) for the result; same-axis shares come from pairs of entries with one key,
+    cross-variant and LoRA shares from (N, M) count matrices.
+    """
+    n, n_mod = len(table.names), len(table.modules)
+    count = {code: np.zeros((n, n_mod)) for code in (FA, FB)}
+    for code, mat in count.items():
+        sel = table.seg_variant == code
+        mat[table.seg_adapter[sel], table.seg_module[sel]] = table.seg_count[sel]
+    cells = np.zeros((n, n_mod))
+    cells[table.seg_adapter, table.seg_module] = table._seg_cells()
+    is_lora = np.zeros((n, n_mod))
+    sel = table.seg_variant == LORA
+    is_lora[table.seg_adapter[sel], table.seg_module[sel]] = 1
+    full = (table.out * table.inn).astype(np.float64)
+    cross = count[FA] @ count[FB].T  # our |C| x their |R|
+    lora = is_lora @ cells.T + cells @ is_lora.T - (is_lora * full) @ is_lora.T
+    total = _same_axis_pairs(table) + cross + cross.T + lora
+    np.fill_diagonal(total, 0)
+    return np.rint(total).astype(np.int64)
