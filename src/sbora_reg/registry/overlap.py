@@ -153,7 +153,7 @@ def check_against(candidate: Footprint, members: Sequence[Footprint]) -> list[Pa
 
 
 def ensure_disjoint(footprints: Sequence[Footprint]) -> None:
-    """Raise ``OverlapError`` naming the first overlapping pair, checking each against all before."""
+    """Raise ``OverlapError`` naming the first pair that shares a weight (each vs all before)."""
     for i, candidate in enumerate(footprints):
         clashes = check_against(candidate, footprints[:i])
         if clashes:
@@ -265,7 +265,9 @@ class RegionTable:
         if np.any(seg_adapter[1:] < seg_adapter[:-1]):
             order = np.argsort(seg_adapter, kind="stable")
             starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-            flat = np.concatenate([flat[s : s + c] for s, c in zip(starts[order], counts[order])])
+            flat = np.concatenate(
+                [flat[s : s + c] for s, c in zip(starts[order], counts[order], strict=True)]
+            )
             seg_adapter, seg_module = seg_adapter[order], seg_module[order]
             seg_variant, counts = seg_variant[order], counts[order]
         table = cls(
