@@ -1,0 +1,41 @@
+"""SBoRA, Standard-Basis LoRA (arXiv 2407.05413): regional low-rank updates of frozen weights.
+
+For a target weight ``W0`` (out, in) and scale ``s = alpha / r``:
+
+- SBoRA-FA fixes ``A = I_in[idx]`` and trains ``B`` (out, r): ``y = W0 x + s·B x[idx]``,
+  so only the r columns ``idx`` of ``W`` change on merge: ``W[:, idx] += s·B``.
+- SBoRA-FB fixes ``B = I_out[:, idx]`` and trains ``A`` (r, in): ``y = W0 x + s·(A x)`` scattered
+  into outputs ``idx``, so only the r rows ``idx`` change: ``W[idx, :] += s·A``.
+
+The fixed factor is an int64 index buffer, never a dense one-hot matrix.
+"""
+
+from sbora_reg.sbora.adapter import Adapter, AdapterModule, dir_sha256
+from sbora_reg.sbora.config import SBoRAConfig
+from sbora_reg.sbora.delta import cells, delta_weight, fa_delta, fb_delta, lora_delta
+from sbora_reg.sbora.fingerprint import model_fingerprint
+from sbora_reg.sbora.indices import (
+    default_indices,
+    load_indices,
+    read_indices_file,
+    save_indices,
+    validate_indices,
+)
+
+__all__ = [
+    "Adapter",
+    "AdapterModule",
+    "SBoRAConfig",
+    "cells",
+    "default_indices",
+    "delta_weight",
+    "dir_sha256",
+    "fa_delta",
+    "fb_delta",
+    "load_indices",
+    "lora_delta",
+    "model_fingerprint",
+    "read_indices_file",
+    "save_indices",
+    "validate_indices",
+]
