@@ -204,3 +204,30 @@ def test_all_pairs_small_chunks_and_unsorted_segments() -> None:
         indices=[local[s : s + c] for s, c in zip(starts[rev], table.seg_count[rev], strict=True)],
     )
     np.testing.assert_array_equal(all_pairs(shuffled), ref)
+
+
+def test_lora_regions_listing_all_rows_are_still_every_cell() -> None:
+    """The registry may list a LoRA's rows as indices: they must not act as FB rows."""
+    out, _ = SHAPE
+    lora_rows = Region("lora", SHAPE, np.arange(out))
+    fps = [
+        Footprint("l", "b", {"m": lora_rows}),
+        Footprint("fb", "b", {"m": reg("fb", [1, 2])}),
+        Footprint("l2", "b", {"m": lora_rows}),
+    ]
+    ref = np.array([[compare(a, b).total if a is not b else 0 for b in fps] for a in fps])
+    table = RegionTable.from_footprints(fps)
+    np.testing.assert_array_equal(all_pairs(table), ref)
+    flat = RegionTable.from_arrays(
+        base="b",
+        names=["l", "fb", "l2"],
+        modules=["m"],
+        out=np.array([SHAPE[0]]),
+        inn=np.array([SHAPE[1]]),
+        seg_adapter=np.array([0, 1, 2]),
+        seg_module=np.array([0, 0, 0]),
+        seg_variant=np.array([2, 1, 2]),
+        indices=[np.arange(out), np.array([1, 2]), np.arange(out)],
+    )
+    np.testing.assert_array_equal(all_pairs(flat), ref)
+    np.testing.assert_array_equal(one_vs_many(fps[1], flat).totals, [2 * SHAPE[1]] * 3)

@@ -221,8 +221,11 @@ class RegionTable:
             for module, region in fp.regions.items():
                 seg_a.append(a)
                 seg_m.append(mid[module])
-                seg_v.append(_code(region))
-                idx_parts.append(np.asarray(region.indices, dtype=np.int64))
+                code = _code(region)
+                seg_v.append(code)
+                # A LoRA touches every cell; its index list (if any) is not a key set.
+                idx = region.indices if code != LORA else ()
+                idx_parts.append(np.asarray(idx, dtype=np.int64))
         return cls.from_arrays(
             base=bases.pop() if bases else "",
             names=[fp.name for fp in footprints],
@@ -262,6 +265,9 @@ class RegionTable:
         seg_adapter = np.asarray(seg_adapter, dtype=np.int64)
         seg_module = np.asarray(seg_module, dtype=np.int64)
         seg_variant = np.asarray(seg_variant, dtype=np.int8)
+        if np.any(counts[seg_variant == LORA]):  # LoRA rows listed as indices: drop them
+            keep = np.repeat(seg_variant != LORA, counts)
+            flat, counts = flat[keep], np.where(seg_variant == LORA, 0, counts)
         if np.any(seg_adapter[1:] < seg_adapter[:-1]):
             order = np.argsort(seg_adapter, kind="stable")
             starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
