@@ -1,0 +1,360 @@
+"""Streamed safetensors checkpoints: read a base tensor by tensor, write sharded output atomically.
+
+A checkpoint directory holds either one ``model.safetensors`` or several shards listed by
+``model.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {name: file}}``).
+Reading never loads more than one tensor: headers are parsed up front (so a missing or truncated
+shard is found before anything is written) and tensors are fetched one at a time with
+``safetensors.safe_open``; a tensor that passes through unchanged is copied as raw bytes.
+
+Writing plans the shards from the tensors' output dtypes and shapes before any data exists, so each
+shard's header is written first and its tensors are then streamed into it one at a time: the
+``safetensors`` Python API only saves a whole dict of tensors, which would hold a shard in memory.
+The byte layout is the documented one: an 8-byte little-endian header length, a JSON header padded
+with spaces to 8 bytes, then the tensors back to back in header order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from sbora_reg.errors import AdapterFormatError, SboraRegError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_SHARD_SIZE = 5_000_000_000
+_COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``"500MB"``, ``"5GB"``, ``"2GiB"`` or a plain integer (decimal units as in HF)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise SboraRegError(f"invalid size {text!r}: use a number with a unit, e.g. 500MB or 5GB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a checkpoint: where its bytes are and what they hold."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in ``file``
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of a checkpoint directory, in file order, with every shard already checked."""
+
+    path: Path
+    tensors: list[TensorEntry]
+    files: list[Path]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def entry(self, name: str) -> TensorEntry | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """``(tensors, metadata, data_start)`` of a safetensors file, after checking its size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (-1,)
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except FileNotFoundError:
+        raise AdapterFormatError(f"checkpoint shard {path} is missing: restore it") from None
+    except (OSError, ValueError) as exc:
+        raise AdapterFormatError(f"cannot read checkpoint shard {path}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path} is not a safetensors file (bad header): restore it")
+    metadata = header.pop("__metadata__", None) or {}
+    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if size != 8 + n + data_end:
+        raise AdapterFormatError(
+            f"checkpoint shard {path} is truncated or corrupt ({size} bytes, header says "
+            f"{8 + n + data_end}): restore it"
+        )
+    return header, metadata, 8 + n
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read the layout of a single-file or sharded safetensors checkpoint and check every shard."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AdapterFormatError(f"cannot read {index}: {exc}") from exc
+        names = sorted(set(weight_map.values()))
+    elif (path / SINGLE_NAME).is_file():
+        weight_map, names = {}, [SINGLE_NAME]
+    else:
+        raise AdapterFormatError(
+            f"{path} has no {SINGLE_NAME} or {INDEX_NAME}: pass a safetensors model directory "
+            "(pickle checkpoints are not read)"
+        )
+    tensors: list[TensorEntry] = []
+    metadata: dict[str, str] = {}
+    for shard in names:
+        file = path / shard
+        header, meta, data_start = read_header(file)
+        metadata = metadata or meta
+        for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if weight_map and weight_map.get(name) != shard:
+                continue  # a stray tensor the index does not point to
+            begin, end = spec["data_offsets"]
+            tensors.append(
+                TensorEntry(name, spec["dtype"], tuple(spec["shape"]), file, data_start + begin,
+                            data_start + end)
+            )  # fmt: skip
+    missing = set(weight_map) - {t.name for t in tensors}
+    if missing:
+        raise AdapterFormatError(
+            f"{index} lists {len(missing)} tensors that its shards lack (e.g. "
+            f"{sorted(missing)[0]}): the checkpoint is incomplete"
+        )
+    return Checkpoint(path, tensors, [path / n for n in names], metadata)
+
+
+class TensorReader:
+    """Fetches tensors of a checkpoint one at a time, keeping one shard open."""
+
+    def __init__(self) -> None:
+        self._file: Path | None = None
+        self._handle: contextlib.ExitStack | None = None
+        self._safe: object = None
+
+    def get(self, entry: TensorEntry) -> torch.Tensor:
+        if self._file != entry.file:
+            self.close()
+            self._handle = contextlib.ExitStack()
+            self._safe = self._handle.enter_context(safe_open(entry.file, framework="pt"))
+            self._file = entry.file
+        return self._safe.get_tensor(entry.name)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._handle, self._safe, self._file = None, None, None
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    """A tensor to write: name, safetensors dtype and shape (its size follows)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_shards(specs: Sequence[OutSpec], max_bytes: int) -> list[list[OutSpec]]:
+    """Split tensors, in order, into shards of at most ``max_bytes`` (a bigger one stands alone)."""
+    shards: list[list[OutSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """File names as transformers writes them: one ``model.safetensors`` or numbered shards."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is known in advance, tensor by tensor.
+
+    Bytes are hashed as they are written, so the output's sha256 costs no second read.
+    """
+
+    def __init__(self, path: Path, specs: Sequence[OutSpec], metadata: dict[str, str]):
+        header: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        for spec in specs:
+            header[spec.name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path = path
+        self._pending = list(specs)
+        self._sha = hashlib.sha256()
+        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+
+    def _next(self, name: str, nbytes: int) -> None:
+        """Check the next planned tensor is ``name`` of ``nbytes`` bytes, then mark it written."""
+        if not self._pending or self._pending[0].name != name:
+            raise SboraRegError(f"internal: {name} written out of the planned order")
+        if self._pending[0].nbytes != nbytes:
+            raise SboraRegError(f"internal: {name} does not match its planned size")
+        self._pending.pop(0)
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor (dtype and shape must match the plan)."""
+        spec = self._pending[0] if self._pending else None
+        if spec and (DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape)) != (
+            spec.dtype,
+            spec.shape,
+        ):
+            raise SboraRegError(f"internal: {name} does not match its planned dtype or shape")
+        self._next(name, tensor.numel() * tensor.element_size())
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._write(memoryview(flat.numpy()))  # type: ignore[arg-type]
+
+    def copy_raw(self, name: str, entry: TensorEntry) -> None:
+        """Write the next planned tensor by copying its bytes from a base shard unchanged."""
+        self._next(name, entry.nbytes)
+        with open(entry.file, "rb") as src:
+            src.seek(entry.start)
+            left = entry.nbytes
+            while left:
+                chunk = src.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise AdapterFormatError(f"{entry.file} ended early while reading {name}")
+                self._write(chunk)
+                left -= len(chunk)
+
+    def close(self) -> str:
+        """Flush and close; returns the file's sha256."""
+        if self._pending:
+            raise SboraRegError(f"internal: {self.path.name} is missing {self._pending[0].name}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def tree_sha256(file_hashes: dict[str, str]) -> str:
+    """One digest for a directory: sha256 over sorted ``relative-path<TAB>file-sha256`` lines."""
+    lines = sorted(f"{name}\t{digest}" for name, digest in file_hashes.items())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing output path unless ``force``; the parent must exist and be writable."""
+    if out.exists() and not force:
+        raise SboraRegError(f"{out} already exists: choose another --out or pass --force")
+    if out.exists() and not out.is_dir():
+        raise SboraRegError(f"{out} exists and is not a directory: remove it first")
+    parent = out.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SboraRegError(f"cannot write into {parent}: create it or choose another --out")
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse when the output's file system has less than ``need`` bytes (plus 1%) free."""
+    free = shutil.disk_usage(out.absolute().parent).free
+    if free < need * 1.01:
+        raise SboraRegError(
+            f"not enough disk space in {out.absolute().parent}: need {need / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free"
+        )
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out`` that becomes ``out`` only if the block succeeds.
+
+    The temporary name is ``<out>.tmp-<random>``; on any exception it is removed, so an
+    interrupted write never leaves a directory that looks finished. With ``force`` an existing
+    ``out`` is replaced (moved aside, then removed after the new one is in place).
+    """
+    out = Path(out).absolute()
+    check_out_dir(out, force)
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,486 @@
+"""Compose task adapters into one model: a merged checkpoint, one multi-task adapter, or PEFT.
+
+Merged: for every base tensor ``<module>.weight`` that members touch, in the (out, in) frame,
+
+    W' = cast(W + Σ_m ΔW_m)      ΔW_m = s·B on columns idx (FA), s·A on rows idx (FB), s·B@A (LoRA)
+
+added in float32 on the touched rows/columns only (members in order), then cast to the output
+dtype; every other weight is copied through byte for byte (or cast when ``dtype`` is given). The
+base is streamed one tensor at a time (``sbora_reg.checkpoint``) and the output appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sbora_reg import __version__
+from sbora_reg.checkpoint import (
+    DEFAULT_SHARD_SIZE,
+    DTYPE_NAMES,
+    DTYPES,
+    FLOAT_DTYPES,
+    INDEX_NAME,
+    Checkpoint,
+    OutSpec,
+    ShardWriter,
+    TensorReader,
+    atomic_dir,
+    check_free_space,
+    check_out_dir,
+    file_sha256,
+    open_checkpoint,
+    parse_size,
+    plan_shards,
+    shard_names,
+    tree_sha256,
+)
+from sbora_reg.errors import (
+    FingerprintMismatchError,
+    OverlapError,
+    SboraRegError,
+    ShapeMismatchError,
+)
+from sbora_reg.registry.overlap import Footprint, Region, compare_all
+from sbora_reg.registry.ranges import format_ranges
+from sbora_reg.sbora.adapter import Adapter, AdapterModule
+from sbora_reg.sbora.config import SBoRAConfig
+from sbora_reg.sbora.delta import delta_weight
+from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
+
+MANIFEST_NAME = "sbora_manifest.json"
+FORMATS = ("merged", "adapter", "peft")
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Base files that are weights or describe weights: never copied into the output as they are.
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_SKIP_NAMES = {INDEX_NAME, "README.md", MANIFEST_NAME, "pytorch_model.bin.index.json"}
+
+Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One adapter in a composition: who it is and its factors (an ``sbora.Adapter``)."""
+
+    name: str
+    version: int | None
+    sha256: str | None
+    adapter: Any
+
+
+@dataclass
+class ComposeResult:
+    """What a compose did (or, for a dry run, would do)."""
+
+    out: str
+    format: str
+    members: list[dict[str, Any]]
+    allow_overlap: bool
+    overlap_cells: int
+    dtype: str | None
+    dry_run: bool
+    tensors: int = 0
+    tensors_changed: int = 0
+    total_bytes: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+    output_sha256: str | None = None
+    composition_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# --- the merge of one tensor -------------------------------------------------------------
+
+
+def _factor(module: Any, name: str) -> torch.Tensor:
+    return getattr(module, name).detach().float()
+
+
+def merge_tensor(weight: torch.Tensor, modules: Sequence[Any], dtype: torch.dtype) -> torch.Tensor:
+    """``cast(W + Σ ΔW)`` for one stored weight; only touched rows/columns go through float32.
+
+    ``weight`` is as stored ((out, in), or (in, out) for Conv1D); ``modules`` are the members'
+    ``AdapterModule`` entries for it, applied in order.
+    """
+    conv = modules[0].kind == "conv1d"
+    w = weight.T if conv else weight  # (out, in) view
+    variants = {m.variant for m in modules}
+    if variants in ({"fa"}, {"fb"}):
+        dim = 1 if variants == {"fa"} else 0  # FA: columns, FB: rows
+        union = torch.unique(torch.cat([m.indices for m in modules]))  # sorted (u,)
+        region = w.index_select(dim, union).float()  # (out, u) or (u, in)
+        for m in modules:
+            part = _factor(m, "B") if m.variant == "fa" else _factor(m, "A")
+            region.index_add_(dim, torch.searchsorted(union, m.indices), m.scale * part)
+        merged = w.to(dtype, copy=True)
+        merged.index_copy_(dim, union, region.to(dtype))
+    else:  # LoRA or FA and FB on one module: every cell may change
+        full = w.float()
+        for m in modules:
+            a = _factor(m, "A") if m.variant != "fa" else None
+            b = _factor(m, "B") if m.variant != "fb" else None
+            full += delta_weight(m.variant, tuple(m.shape), m.scale, m.indices, a, b)
+        merged = full.to(dtype)
+    return merged.T.contiguous() if conv else merged
+
+
+def touched_tensors(ckpt: Checkpoint, members: Sequence[Member]) -> dict[str, list[Any]]:
+    """Tensor name -> the members' modules on it, after checking every one fits the base."""
+    touched: dict[str, list[Any]] = {}
+    for member in members:
+        for name, module in member.adapter.modules.items():
+            entry = ckpt.entry(f"{name}.weight")
+            out, inp = module.shape
+            stored = (inp, out) if module.kind == "conv1d" else (out, inp)
+            if entry is None or entry.shape != stored:
+                found = "absent" if entry is None else f"shaped {list(entry.shape)}"
+                raise ShapeMismatchError(
+                    f"{member.name}: module {name} ({module.kind} {list(stored)}) does not fit "
+                    f"the base checkpoint {ckpt.path} (its weight is {found}): wrong base model?"
+                )
+            touched.setdefault(entry.name, []).append(module)
+    return touched
+
+
+# --- the merged checkpoint ---------------------------------------------------------------
+
+
+def _out_specs(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[OutSpec]:
+    name = DTYPE_NAMES[dtype] if dtype is not None else None
+    return [
+        OutSpec(t.name, name if name and t.dtype in FLOAT_DTYPES else t.dtype, t.shape)
+        for t in ckpt.tensors
+    ]
+
+
+def write_merged_weights(
+    ckpt: Checkpoint,
+    touched: dict[str, list[Any]],
+    out: Path,
+    dtype: torch.dtype | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: Progress | None = None,
+) -> dict[str, str]:
+    """Stream the merged weights into ``out`` (shards + index); returns file name -> sha256."""
+    specs = _out_specs(ckpt, dtype)
+    plan = plan_shards(specs, shard_size)
+    names = shard_names(len(plan))
+    entries = {t.name: t for t in ckpt.tensors}
+    reader, hashes, done = TensorReader(), {}, 0
+    try:
+        for file, shard in zip(names, plan, strict=True):
+            writer = ShardWriter(out / file, shard, {"format": "pt"})
+            try:
+                for spec in shard:
+                    entry, target = entries[spec.name], DTYPES[spec.dtype]
+                    if spec.name in touched:
+                        merged = merge_tensor(reader.get(entry), touched[spec.name], target)
+                        writer.write_tensor(spec.name, merged)
+                    elif spec.dtype == entry.dtype:
+                        writer.copy_raw(spec.name, entry)
+                    else:
+                        writer.write_tensor(spec.name, reader.get(entry).to(target))
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(specs), spec.name)
+            except BaseException:
+                writer.abort()
+                raise
+            hashes[file] = writer.close()
+    finally:
+        reader.close()
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs)},
+            "weight_map": {s.name: f for f, shard in zip(names, plan, strict=True) for s in shard},
+        }
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        hashes[INDEX_NAME] = file_sha256(out / INDEX_NAME)
+    return hashes
+
+
+# --- one multi-task adapter --------------------------------------------------------------
+
+
+def combine(members: Sequence[Member], base_fingerprint: str | None = None) -> Adapter:
+    """One adapter whose ΔW on every module is the members' sum (exact for disjoint members).
+
+    Per module, members of one variant become that variant on the union of their indices, with
+    ``s·factor`` summed into float32 factors at scale 1 (so composed modules of any rank and scale
+    live in one file); a module mixing FA and FB, or with a LoRA member, becomes a LoRA module with
+    the members' factors concatenated (FA: ``A = I[idx]``, FB: ``B = I[:, idx]``).
+    """
+    by_module: dict[str, list[Any]] = {}
+    for member in members:
+        for name, module in member.adapter.modules.items():
+            by_module.setdefault(name, []).append(module)
+    modules = {name: _combine_module(name, mods) for name, mods in sorted(by_module.items())}
+    variants = {m.variant for m in modules.values()} & {"fa", "fb"}
+    config = SBoRAConfig(
+        variant="fb" if variants == {"fb"} else "fa",
+        r=max(m.rank for m in modules.values()),
+        alpha=1.0,
+        target_modules=tuple(sorted(modules)),
+    )
+    metadata = {"composed_from": ",".join(_ref(m) for m in members)}
+    base_model = next((m.adapter.base_model for m in members if m.adapter.base_model), None)
+    return Adapter(config, modules, base_fingerprint, base_model, metadata)
+
+
+def _combine_module(name: str, mods: Sequence[Any]) -> AdapterModule:
+    first = mods[0]
+    out, inp = first.shape
+    variants = {m.variant for m in mods}
+    if variants in ({"fa"}, {"fb"}):
+        dim = 1 if variants == {"fa"} else 0
+        union = torch.unique(torch.cat([m.indices for m in mods]))
+        size = (out, len(union)) if dim == 1 else (len(union), inp)
+        factor = torch.zeros(size, dtype=torch.float32)
+        for m in mods:
+            part = _factor(m, "B") if m.variant == "fa" else _factor(m, "A")
+            factor.index_add_(dim, torch.searchsorted(union, m.indices), m.scale * part)
+        a, b = (None, factor) if dim == 1 else (factor, None)
+        return AdapterModule(name, first.variant, first.kind, (out, inp), 1.0, union, a, b)
+    a_parts, b_parts = [], []
+    for m in mods:  # ΔW = Σ s·B_m A_m = [s·B_1 ... s·B_k] @ [A_1; ...; A_k]
+        if m.variant == "fa":
+            a_parts.append(torch.eye(inp)[m.indices])
+            b_parts.append(m.scale * _factor(m, "B"))
+        elif m.variant == "fb":
+            a_parts.append(m.scale * _factor(m, "A"))
+            b_parts.append(torch.eye(out)[:, m.indices])
+        else:
+            a_parts.append(_factor(m, "A"))
+            b_parts.append(m.scale * _factor(m, "B"))
+    a, b = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+    return AdapterModule(name, "lora", first.kind, (out, inp), 1.0, None, a, b)
+
+
+# --- files beside the weights ------------------------------------------------------------
+
+
+def _ref(member: Member) -> str:
+    return member.name if member.version is None else f"{member.name}@{member.version}"
+
+
+def manifest(members: Sequence[Member], allow_overlap: bool, fingerprint: str | None) -> dict:
+    """``sbora_manifest.json``: members and the regions they declare (read by ``audit``)."""
+    rows = []
+    for member in members:
+        regions = {
+            name: {
+                "variant": m.variant,
+                "kind": m.kind,
+                "shape": list(m.shape),
+                "indices": None if m.indices is None else format_ranges(m.indices.numpy()),
+            }
+            for name, m in sorted(member.adapter.modules.items())
+        }
+        rows.append(
+            {"name": member.name, "version": member.version, "sha256": member.sha256,
+             "regions": regions}
+        )  # fmt: skip
+    return {
+        "format": "sbora-manifest",
+        "format_version": 1,
+        "tool_version": __version__,
+        "base_fingerprint": fingerprint,
+        "allow_overlap": allow_overlap,
+        "members": rows,
+    }
+
+
+def model_card(members: Sequence[Member], base_model: str, fmt: str, command: str) -> str:
+    """README.md with YAML front matter naming the base and every member."""
+    tags = ["sbora", "sbora-reg", "merge" if fmt == "merged" else "lora"]
+    lines = ["---", f"base_model: {json.dumps(base_model)}", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    lines += ["---", "", "# Composed SBoRA model", ""]
+    lines += [
+        f"{len(members)} SBoRA task adapters composed by sbora-reg {__version__} "
+        f"(format `{fmt}`) onto `{base_model}`.",
+        "",
+        "| member | version | modules | sha256 |",
+        "|---|---|---|---|",
+    ]
+    for m in members:
+        v = "" if m.version is None else m.version
+        lines.append(f"| {m.name} | {v} | {len(m.adapter.modules)} | `{m.sha256 or ''}` |")
+    lines += ["", "Regions per member: `sbora_manifest.json`.", "", "Command:", "", "```"]
+    lines += [command, "```", ""]
+    return "\n".join(lines)
+
+
+def copy_side_files(base: Path, out: Path, dtype: str | None) -> None:
+    """Config, generation config, tokenizer and other small files; config dtype updated."""
+    for src in sorted(base.iterdir()):
+        if not src.is_file() or src.name in _SKIP_NAMES or src.name.endswith(_SKIP_SUFFIXES):
+            continue
+        if src.name == "config.json" and dtype is not None:
+            config = json.loads(src.read_text())
+            for key in ("dtype", "torch_dtype"):
+                if key in config or key == "dtype":
+                    config[key] = dtype
+            (out / src.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copy2(src, out / src.name)
+
+
+def default_command() -> str:
+    """The command line of this process, quoted, as it would be typed again."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def check_members(base: Path, members: Sequence[Member]) -> str:
+    """The base directory's fingerprint, after checking every member was made for it."""
+    table = dir_module_table(base)
+    fingerprint = fingerprint_table(table)
+    for member in members:
+        theirs = member.adapter.base_fingerprint
+        if theirs and theirs != fingerprint:
+            raise FingerprintMismatchError(
+                f"{_ref(member)} was made for another base model (fingerprint {theirs[:12]}, "
+                f"{base} is {fingerprint[:12]}): compose members of one base only"
+            )
+        for name, module in member.adapter.modules.items():
+            if name not in table or table[name][1] != tuple(module.shape):
+                raise ShapeMismatchError(
+                    f"{_ref(member)}: module {name} {list(module.shape)} is not a layer of "
+                    f"{base}: wrong base model?"
+                )
+    return fingerprint
+
+
+def check_overlap(members: Sequence[Member], fingerprint: str, allow_overlap: bool) -> int:
+    """Shared cells across all members (every pair); ``OverlapError`` unless ``allow_overlap``."""
+    footprints = [
+        Footprint(
+            _ref(m),
+            fingerprint,
+            {
+                name: Region(
+                    mod.variant,
+                    tuple(mod.shape),
+                    np.zeros(0, np.int64) if mod.indices is None else mod.indices.numpy(),
+                )
+                for name, mod in m.adapter.modules.items()
+            },
+        )
+        for m in members
+    ]
+    clashes = [p for p in compare_all(footprints) if p.overlaps]
+    total = sum(p.total for p in clashes)
+    if clashes and not allow_overlap:
+        report = "; ".join(
+            f"{p.a} & {p.b}: {p.total} cells ("
+            + ", ".join(f"{mod} {n}" for mod, n in list(p.modules.items())[:3])
+            + (", ..." if len(p.modules) > 3 else "")
+            + ")"
+            for p in clashes
+        )
+        raise OverlapError(
+            f"members touch the same weights, {total} cells in all: {report}; allocate disjoint "
+            "regions, leave a member out, or pass --allow-overlap to sum them"
+        )
+    return total
+
+
+# --- the whole compose -------------------------------------------------------------------
+
+
+def compose_members(
+    members: Sequence[Member],
+    base_dir: str | Path,
+    out: str | Path,
+    fmt: str = "merged",
+    *,
+    dtype: str | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    allow_overlap: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    command: str | None = None,
+    base_model: str | None = None,
+    progress: Progress | None = None,
+) -> ComposeResult:
+    """Check, then write ``out`` (merged checkpoint, native adapter or PEFT adapter) atomically.
+
+    Checks, all before anything is written (and all a dry run does): format and dtype, members'
+    base fingerprint and module shapes, overlap across all members, the output path, every base
+    shard present with its full size (merged), and free disk space.
+    """
+    if fmt not in FORMATS:
+        raise SboraRegError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise SboraRegError(f"unknown dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
+    if not members:
+        raise SboraRegError("nothing to compose: name at least one adapter")
+    base, out = Path(base_dir), Path(out).absolute()
+    fingerprint = check_members(base, members)
+    cells = check_overlap(members, fingerprint, allow_overlap)
+    check_out_dir(out, force)
+    result = ComposeResult(
+        out=str(out),
+        format=fmt,
+        members=[
+            {
+                "name": m.name,
+                "version": m.version,
+                "sha256": m.sha256,
+                "modules": len(m.adapter.modules),
+            }
+            for m in members
+        ],
+        allow_overlap=allow_overlap,
+        overlap_cells=cells,
+        dtype=dtype,
+        dry_run=dry_run,
+    )
+    target = OUT_DTYPES[dtype] if dtype else None
+    if fmt == "merged":
+        ckpt = open_checkpoint(base)
+        touched = touched_tensors(ckpt, members)
+        result.tensors, result.tensors_changed = len(ckpt.tensors), len(touched)
+        result.total_bytes = sum(s.nbytes for s in _out_specs(ckpt, target))
+    else:
+        adapter = combine(members, fingerprint)
+        result.total_bytes = sum(len(b) for b in adapter.file_bytes().values())
+    check_free_space(out, result.total_bytes)
+    if dry_run:
+        return result
+    command = command or default_command()
+    with atomic_dir(out, force) as tmp:
+        hashes: dict[str, str] = {}
+        if fmt == "merged":
+            size = parse_size(shard_size)
+            hashes = write_merged_weights(ckpt, touched, tmp, target, size, progress)
+            copy_side_files(base, tmp, dtype)
+        elif fmt == "adapter":
+            for name, data in adapter.file_bytes().items():
+                (tmp / name).write_bytes(data)
+        else:
+            adapter.to_peft(tmp)
+        text = json.dumps(manifest(members, allow_overlap, fingerprint), indent=2)
+        (tmp / MANIFEST_NAME).write_text(text + "\n")
+        card = model_card(members, base_model or str(base), fmt, command)
+        (tmp / "README.md").write_text(card)
+        for path in sorted(tmp.rglob("*")):
+            name = str(path.relative_to(tmp))
+            if path.is_file() and name not in hashes:  # shards were hashed as written
+                hashes[name] = file_sha256(path)
+        result.files = hashes
+    result.output_sha256 = tree_sha256(result.files)
+    return result

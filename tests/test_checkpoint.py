@@ -1,0 +1,148 @@
+"""Streamed safetensors I/O: shard planning, the hand-written shard format, atomic directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sbora_reg.checkpoint import (
+    INDEX_NAME,
+    OutSpec,
+    ShardWriter,
+    atomic_dir,
+    open_checkpoint,
+    parse_size,
+    plan_shards,
+    shard_names,
+)
+from sbora_reg.errors import AdapterFormatError, SboraRegError
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(7, 5, generator=g),
+        "b.weight": torch.randn(3, 9, generator=g).bfloat16(),
+        "c.half": torch.randn(4, generator=g).half(),
+        "d.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "e.mask": torch.tensor([True, False, True]),
+        "f.scalar": torch.tensor(2.5),
+    }
+
+
+def test_parse_size_units() -> None:
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5kb") == 1500
+    assert parse_size("123") == 123
+    for bad in ("", "five", "-3MB", "0", "3XB"):
+        with pytest.raises(SboraRegError):
+            parse_size(bad)
+
+
+def test_plan_shards_respects_limit_and_order() -> None:
+    specs = [OutSpec(f"t{i}", "F32", (n,)) for i, n in enumerate([10, 10, 30, 5, 5, 5])]
+    plan = plan_shards(specs, 100)  # bytes: 40 40 120 20 20 20
+    assert [s.name for shard in plan for s in shard] == [s.name for s in specs]
+    assert [[s.name for s in shard] for shard in plan] == [["t0", "t1"], ["t2"], ["t3", "t4", "t5"]]
+    assert shard_names(1) == ["model.safetensors"]
+    assert shard_names(3)[2] == "model-00003-of-00003.safetensors"
+
+
+def test_shard_writer_output_is_read_by_safetensors(tmp_path: Path) -> None:
+    tensors = _tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    entries = {e.name: e for e in open_checkpoint_single(src).tensors}
+    specs = [OutSpec(n, entries[n].dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardWriter(tmp_path / "out.safetensors", specs, {"format": "pt"})
+    for i, (name, t) in enumerate(tensors.items()):
+        if i % 2:
+            writer.copy_raw(name, entries[name])  # raw bytes from the source file
+        else:
+            writer.write_tensor(name, t)
+    writer.close()
+    back = load_file(tmp_path / "out.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+def open_checkpoint_single(file: Path):  # type: ignore[no-untyped-def]
+    folder = file.parent / "ck"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.safetensors").write_bytes(file.read_bytes())
+    ck = open_checkpoint(folder)
+    return ck
+
+
+def test_shard_writer_refuses_unplanned_tensor(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path / "x.safetensors", [OutSpec("a", "F32", (2,))], {})
+    with pytest.raises(SboraRegError):
+        writer.write_tensor("b", torch.zeros(2))
+    with pytest.raises(SboraRegError):
+        writer.write_tensor("a", torch.zeros(3))
+    with pytest.raises(SboraRegError):
+        writer.close()  # "a" was never written
+    writer.abort()
+
+
+def _sharded(tmp_path: Path) -> Path:
+    folder = tmp_path / "base"
+    folder.mkdir()
+    tensors = _tensors()
+    names = list(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[:3], names[3:])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    return folder
+
+
+def test_open_sharded_checkpoint(tmp_path: Path) -> None:
+    ck = open_checkpoint(_sharded(tmp_path))
+    assert sorted(t.name for t in ck.tensors) == sorted(_tensors())
+    assert len(ck.files) == 2
+    assert ck.total_size == sum(t.numel() * t.element_size() for t in _tensors().values())
+
+
+def test_missing_and_truncated_shards_are_refused(tmp_path: Path) -> None:
+    folder = _sharded(tmp_path)
+    shard = folder / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-3])
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        open_checkpoint(folder)
+    shard.unlink()
+    with pytest.raises(AdapterFormatError, match="missing"):
+        open_checkpoint(folder)
+    shard.write_bytes(b"\x00" * 4)
+    with pytest.raises(AdapterFormatError):
+        open_checkpoint(folder)
+    with pytest.raises(AdapterFormatError, match=r"no model\.safetensors"):
+        open_checkpoint(tmp_path)
+
+
+def test_atomic_dir_appears_only_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "done").write_text("1")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(SboraRegError, match="already exists"), atomic_dir(out):
+        pass
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "new").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
