@@ -1,0 +1,118 @@
+"""Content-addressed adapter files under ``<data_dir>/blobs/<sha256>/``.
+
+The content hash of an adapter is ``sbora_reg.sbora.adapter.files_sha256`` of its stored files:
+sha256 over ``name\\0size\\0bytes`` of each file in name order, so a native adapter's blob is named
+by its ``Adapter.sha256()`` and the hash does not depend on timestamps or the directory name.
+Files are copied into ``blobs/.tmp-<pid>-<random>/`` on the same filesystem while being hashed,
+fsynced, then renamed into place in one ``os.rename``: a blob directory is complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sbora_reg.errors import AdapterFormatError
+
+_CHUNK = 1 << 20
+TMP_PREFIX = ".tmp-"
+
+
+def _copy_hashing(src: Path, dst: Path, digest: Any) -> int:
+    """Copy ``src`` to ``dst`` (fsynced) feeding ``name\\0size\\0bytes`` to ``digest``."""
+    size = src.stat().st_size
+    digest.update(f"{src.name}\0{size}\0".encode())
+    copied = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            fout.write(chunk)
+            copied += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    if copied != size:
+        raise AdapterFormatError(f"{src} changed while it was being read: add it again")
+    return size
+
+
+class BlobStore:
+    """The ``blobs/`` directory of one registry."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def stage(self, files: list[Path]) -> tuple[Path, str, int]:
+        """Copy ``files`` into a new temp dir; return (temp dir, content sha256, total bytes)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=self.root))
+        try:
+            digest = hashlib.sha256()
+            size = sum(_copy_hashing(f, tmp / f.name, digest) for f in sorted(files))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp, digest.hexdigest(), size
+
+    def publish(self, tmp: Path, sha256: str) -> Path:
+        """Move a staged dir to ``blobs/<sha256>`` (drop it if that blob already exists)."""
+        final = self.path(sha256)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # same content is already stored
+        return final
+
+    def stored(self) -> list[str]:
+        """sha256 of every complete blob directory on disk."""
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if not p.name.startswith(".")]
+
+    def stale_temps(self) -> list[Path]:
+        """Staging dirs whose writing process no longer runs (killed mid-add)."""
+        if not self.root.is_dir():
+            return []
+        stale = []
+        for p in self.root.iterdir():
+            if not p.name.startswith(TMP_PREFIX):
+                continue
+            pid_text = p.name[len(TMP_PREFIX) :].split("-", 1)[0]
+            if not pid_text.isdigit() or not _pid_alive(int(pid_text)):
+                stale.append(p)
+        return stale
+
+    def detach(self, sha256: str) -> Path | None:
+        """Atomically move a blob out of the store (to a staging name) so it can be deleted."""
+        src = self.path(sha256)
+        dst = self.root / f"{TMP_PREFIX}0-gc-{sha256}"
+        shutil.rmtree(dst, ignore_errors=True)  # left by a gc that was killed
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return None
+        return dst
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

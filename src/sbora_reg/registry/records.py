@@ -1,0 +1,147 @@
+"""Plain values the registry returns: nothing here holds a database session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+Shape = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where one adapter touches one module's weight, in the ``(out, in)`` frame.
+
+    ``fa``: all rows x ``indices`` (columns); ``fb``: ``indices`` (rows) x all columns;
+    ``lora``: every cell (``indices`` is empty).
+    """
+
+    variant: str
+    shape: Shape
+    indices: np.ndarray  # (count,) int64, sorted, distinct; empty for lora
+
+    @property
+    def axis(self) -> str:
+        """``"cols"`` for fa, ``"rows"`` for fb, ``"all"`` for lora."""
+        return {"fa": "cols", "fb": "rows"}.get(self.variant, "all")
+
+    @property
+    def cells(self) -> int:
+        """Number of weight cells touched."""
+        out, in_ = self.shape
+        if self.variant == "lora":
+            return out * in_
+        return int(self.indices.size) * (out if self.variant == "fa" else in_)
+
+
+@dataclass(frozen=True)
+class BaseModule:
+    id: int
+    name: str
+    kind: str
+    shape: Shape
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    """A registered base model and its module table (names, kinds, (out, in) shapes)."""
+
+    id: int
+    name: str
+    revision: str | None
+    fingerprint: str
+    created: datetime
+    modules: dict[str, BaseModule] = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "fingerprint": self.fingerprint,
+            "created": self.created.isoformat(),
+            "modules": len(self.modules),
+        }
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter version."""
+
+    id: int
+    name: str
+    version: int
+    base: str
+    base_fingerprint: str
+    task: str | None
+    format: str
+    variant: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    sha256: str
+    size: int
+    created: datetime
+    metadata: dict[str, Any]
+    provenance: dict[str, Any]
+    tags: dict[str, str]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "ref": self.ref,
+            "base": self.base,
+            "base_fingerprint": self.base_fingerprint,
+            "task": self.task,
+            "format": self.format,
+            "variant": self.variant,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": list(self.target_modules),
+            "sha256": self.sha256,
+            "size": self.size,
+            "created": self.created.isoformat(),
+            "metadata": dict(self.metadata),
+            "provenance": dict(self.provenance),
+            "tags": dict(self.tags),
+        }
+
+
+@dataclass(frozen=True)
+class AdapterDetail:
+    """``show``: the record and, per module, the region it touches."""
+
+    record: AdapterRecord
+    regions: dict[str, Region]
+
+    def to_json(self) -> dict[str, Any]:
+        from sbora_reg.registry.ranges import format_ranges
+
+        modules = {
+            name: {
+                "variant": r.variant,
+                "axis": r.axis,
+                "shape": list(r.shape),
+                "count": int(r.indices.size),
+                "cells": r.cells,
+                "ranges": format_ranges(r.indices),
+            }
+            for name, r in sorted(self.regions.items())
+        }
+        return {**self.record.to_json(), "modules": modules}
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What ``gc`` freed."""
+
+    blobs_removed: list[str]
+    bytes_freed: int
+    temp_removed: int

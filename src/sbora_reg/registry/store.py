@@ -1,0 +1,613 @@
+"""The registry: base models, adapter versions, touched regions and content-addressed blobs.
+
+``Registry.open(url_or_path)`` opens (and creates or migrates) a SQLite file or a server database.
+Adding an adapter stages and hashes its files and parses them with no transaction open, publishes
+the blob with one rename, and only then records it in one short write transaction that also
+checks the blob is still there (``gc`` removes blobs inside its own write transaction, so the two
+never interleave). Everything returned is a plain dataclass from ``records``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from sbora_reg import migrations
+from sbora_reg.errors import (
+    FingerprintMismatchError,
+    InvalidIndicesError,
+    NotFoundError,
+    RegistryError,
+    ShapeMismatchError,
+)
+from sbora_reg.registry import indexblob
+from sbora_reg.registry import models as m
+from sbora_reg.registry.blobs import BlobStore, dir_size
+from sbora_reg.registry.database import DEFAULT_BUSY_TIMEOUT_S, Database, locate
+from sbora_reg.registry.names import check_name, check_tags, parse_ref
+from sbora_reg.registry.reading import (
+    AdapterSummary,
+    adapter_files,
+    detect_format,
+    summarise,
+)
+from sbora_reg.registry.records import (
+    AdapterDetail,
+    AdapterRecord,
+    BaseModule,
+    BaseRecord,
+    GcResult,
+    Region,
+)
+
+log = logging.getLogger(__name__)
+
+_ADAPTER_COLS = (m.Adapter.__table__, m.BaseModel.name.label("base_name"), m.BaseModel.fingerprint)
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+_EMPTY.setflags(write=False)
+
+
+class _BlobVanished(Exception):
+    """The staged blob was removed by a concurrent ``gc`` before it was recorded."""
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _is_local_model(name: str) -> bool:
+    return (Path(name).expanduser() / "config.json").is_file()
+
+
+class Registry:
+    """A registry database and its blob directory."""
+
+    def __init__(self, db: Database, data_dir: Path) -> None:
+        self.db = db
+        self.data_dir = data_dir
+        self.blobs = BlobStore(data_dir / "blobs")
+
+    @classmethod
+    def open(
+        cls,
+        url_or_path: str | os.PathLike[str] | None = None,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        migrate: bool = True,
+    ) -> Registry:
+        """Open a registry (default: ``sbora-reg.db`` in the user data directory).
+
+        A new database is created at the newest schema and an older one upgraded; a database
+        from a newer sbora-reg raises SchemaError. ``migrate=False`` only opens it.
+        """
+        location = locate(url_or_path, Path(data_dir) if data_dir is not None else None)
+        db = Database(location, busy_timeout_s)
+        try:
+            if migrate:
+                migrations.ensure_current(db)
+        except BaseException:
+            db.dispose()
+            raise
+        return cls(db, location.data_dir)
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def location(self) -> str:
+        return self.db.location.display
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """``with registry.write() as session:`` one write transaction (BEGIN IMMEDIATE)."""
+        with self.db.write() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self.db.read() as session:
+            yield session
+
+    # Bases ---------------------------------------------------------------------------------
+
+    def add_base(
+        self, path_or_name: str | os.PathLike[str], revision: str | None = None
+    ) -> BaseRecord:
+        """Register a base model from a local transformers directory (config.json only).
+
+        Registering the same directory again returns the existing record.
+        """
+        from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
+
+        text = str(path_or_name)
+        if not _is_local_model(text):
+            try:
+                return self.get_base(text)
+            except NotFoundError:
+                raise NotFoundError(
+                    f"{text} is neither a registered base nor a local model directory with "
+                    "config.json: download the model (config.json is enough) and pass its path"
+                ) from None
+        name = str(Path(text).expanduser().resolve())
+        table = dir_module_table(name)  # file I/O before the write transaction
+        fingerprint = fingerprint_table(table)
+        with self.write() as session:
+            row = session.scalar(select(m.BaseModel).where(m.BaseModel.name == name))
+            if row is not None:
+                if row.fingerprint != fingerprint:
+                    raise RegistryError(
+                        f"base {name} is registered with another shape fingerprint "
+                        f"({row.fingerprint[:12]}, now {fingerprint[:12]}): the model changed; "
+                        "register the new one from another path"
+                    )
+                base_id = row.id
+            else:
+                row = m.BaseModel(name=name, revision=revision, fingerprint=fingerprint)
+                session.add(row)
+                session.flush()
+                base_id = row.id
+                session.execute(
+                    insert(m.BaseModule),
+                    [
+                        {
+                            "base_id": base_id,
+                            "name": n,
+                            "kind": k,
+                            "out_features": s[0],
+                            "in_features": s[1],
+                        }
+                        for n, (k, s) in sorted(table.items())
+                    ],
+                )
+        return self._base_by_id(base_id)
+
+    def get_base(self, name_or_fingerprint: str) -> BaseRecord:
+        """A registered base by name (or local path) or by shape fingerprint."""
+        candidates = [name_or_fingerprint]
+        if _is_local_model(name_or_fingerprint):
+            candidates.append(str(Path(name_or_fingerprint).expanduser().resolve()))
+        with self.read() as session:
+            base_id = session.scalar(
+                select(m.BaseModel.id)
+                .where(
+                    m.BaseModel.name.in_(candidates)
+                    | (m.BaseModel.fingerprint == name_or_fingerprint)
+                )
+                .order_by(m.BaseModel.id)
+                .limit(1)
+            )
+        if base_id is None:
+            raise NotFoundError(
+                f"no base model {name_or_fingerprint!r} in the registry: add an adapter with "
+                "--base PATH to register it"
+            )
+        return self._base_by_id(base_id)
+
+    def bases(self) -> builtins.list[BaseRecord]:
+        with self.read() as session:
+            ids = session.scalars(select(m.BaseModel.id).order_by(m.BaseModel.name)).all()
+        return [self._base_by_id(i) for i in ids]
+
+    def _base_by_id(self, base_id: int) -> BaseRecord:
+        with self.read() as session:
+            row = session.get_one(m.BaseModel, base_id)
+            mods = session.execute(
+                select(m.BaseModule).where(m.BaseModule.base_id == base_id)
+            ).scalars()
+            modules = {
+                mod.name: BaseModule(
+                    mod.id, mod.name, mod.kind, (mod.out_features, mod.in_features)
+                )
+                for mod in mods
+            }
+            return BaseRecord(
+                row.id, row.name, row.revision, row.fingerprint, _utc(row.created), modules
+            )
+
+    # Adding --------------------------------------------------------------------------------
+
+    def add(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        task: str | None = None,
+        base: str | None = None,
+        tags: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> AdapterRecord:
+        """Register the adapter directory ``path`` (native SBoRA or PEFT LoRA).
+
+        Identical content already registered under ``name`` returns that version; new content
+        under an existing name becomes its next version. ``base`` (a registered base, a local
+        model directory or a fingerprint) defaults to the base the adapter names.
+        """
+        src = Path(path).expanduser()
+        name = check_name(name if name is not None else src.resolve().name)
+        if task is not None:
+            check_name(task, "task")
+        tags = check_tags(tags)
+        fmt = detect_format(src)
+        files = adapter_files(src, fmt)
+        provenance = provenance or {"source": "local", "path": str(src.resolve())}
+        for _attempt in range(3):
+            tmp, sha, size = self.blobs.stage(files)
+            try:
+                summary = summarise(tmp, fmt)
+                base_rec = self._base_for(summary, base, src)
+                check_fits(summary, base_rec)
+                self.blobs.publish(tmp, sha)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                return self.register(
+                    summary,
+                    sha,
+                    size,
+                    name=name,
+                    base=base_rec,
+                    task=task,
+                    tags=tags,
+                    metadata=metadata,
+                    provenance=provenance,
+                )
+            except _BlobVanished:
+                log.info("blob %s was collected while adding %s; writing it again", sha, name)
+        raise RegistryError(f"could not add {src}: a concurrent gc kept removing its blob; retry")
+
+    def _base_for(self, summary: AdapterSummary, base: str | None, src: Path) -> BaseRecord:
+        if base is not None:
+            return self.add_base(base) if _is_local_model(base) else self.get_base(base)
+        if summary.base_fingerprint:
+            try:
+                return self.get_base(summary.base_fingerprint)
+            except NotFoundError:
+                pass
+        if summary.base_model:
+            try:
+                return self.add_base(summary.base_model)
+            except NotFoundError:
+                pass
+        raise NotFoundError(
+            f"cannot tell which registered base model {src} is for: pass --base PATH "
+            "(a local model directory with config.json)"
+        )
+
+    def register(
+        self,
+        summary: AdapterSummary,
+        sha256: str,
+        size: int,
+        *,
+        name: str,
+        base: BaseRecord,
+        task: str | None = None,
+        tags: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> AdapterRecord:
+        """Record an adapter whose files are already stored as blob ``sha256``.
+
+        ``add`` calls this after staging; benchmarks call it directly to skip file hashing.
+        """
+        name = check_name(name)
+        tags = check_tags(tags)
+        regions = [
+            _region_row(base.modules[mod_name].id, mod)
+            for mod_name, mod in sorted(summary.modules.items())
+        ]
+        with self.write() as session:
+            existing = session.scalar(
+                select(m.Adapter.id).where(m.Adapter.name == name, m.Adapter.sha256 == sha256)
+            )
+            if existing is not None:
+                adapter_id = existing
+            else:
+                if not self.blobs.path(sha256).is_dir():
+                    raise _BlobVanished(sha256)
+                adapter_id = self._insert(
+                    session,
+                    summary,
+                    sha256,
+                    size,
+                    name,
+                    base,
+                    task,
+                    tags,
+                    {**summary.metadata, **(metadata or {})},
+                    provenance or {},
+                    regions,
+                )
+        return self._records(select(*_ADAPTER_COLS).where(m.Adapter.id == adapter_id))[0]
+
+    def _insert(
+        self,
+        session: Session,
+        summary: AdapterSummary,
+        sha256: str,
+        size: int,
+        name: str,
+        base: BaseRecord,
+        task: str | None,
+        tags: dict[str, str],
+        metadata: dict[str, Any],
+        provenance: dict[str, Any],
+        regions: list[dict[str, Any]],
+    ) -> int:
+        if session.get(m.Blob, sha256) is None:
+            session.add(m.Blob(sha256=sha256, size=size))
+        last = session.scalar(select(m.AdapterName.last_version).where(m.AdapterName.name == name))
+        version = (last or 0) + 1
+        if last is None:
+            session.add(m.AdapterName(name=name, last_version=version))
+        else:
+            session.execute(
+                update(m.AdapterName).where(m.AdapterName.name == name).values(last_version=version)
+            )
+        session.flush()  # the blob and name rows must exist before the adapter refers to them
+        row = m.Adapter(
+            name=name,
+            version=version,
+            base_id=base.id,
+            task=task,
+            format=summary.format,
+            variant=summary.variant,
+            rank=summary.rank,
+            alpha=summary.alpha,
+            target_modules=list(summary.target_modules),
+            sha256=sha256,
+            size=size,
+            meta=metadata,
+            provenance=provenance,
+        )
+        session.add(row)
+        session.flush()
+        if tags:
+            session.execute(
+                insert(m.Tag),
+                [{"adapter_id": row.id, "key": k, "value": v} for k, v in tags.items()],
+            )
+        session.execute(insert(m.Region), [{**r, "adapter_id": row.id} for r in regions])
+        return row.id
+
+    # Reading -------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> AdapterRecord:
+        """``"name"`` (latest version) or ``"name@3"`` -> its record; NotFoundError if absent."""
+        name, version = parse_ref(ref)
+        query = select(*_ADAPTER_COLS).where(m.Adapter.name == name)
+        query = (
+            query.order_by(m.Adapter.version.desc()).limit(1)
+            if version is None
+            else query.where(m.Adapter.version == version)
+        )
+        found = self._records(query)
+        if found:
+            return found[0]
+        versions = [r.version for r in self.list_versions(name)]
+        if not versions:
+            raise NotFoundError(f"no adapter named {name!r}: see `sbora-reg list`")
+        raise NotFoundError(
+            f"{name!r} has no version {version} (versions: {', '.join(map(str, versions))})"
+        )
+
+    def list_versions(self, name: str) -> builtins.list[AdapterRecord]:
+        return self._records(
+            select(*_ADAPTER_COLS).where(m.Adapter.name == name).order_by(m.Adapter.version)
+        )
+
+    def list(
+        self,
+        base: str | None = None,
+        task: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> builtins.list[AdapterRecord]:
+        """Every adapter version, optionally filtered by base, task and tags (all must match)."""
+        query = select(*_ADAPTER_COLS)
+        if base is not None:
+            query = query.where(m.Adapter.base_id == self.get_base(base).id)
+        if task is not None:
+            query = query.where(m.Adapter.task == task)
+        for key, value in (tags or {}).items():
+            query = query.where(
+                m.Adapter.id.in_(
+                    select(m.Tag.adapter_id).where(m.Tag.key == key, m.Tag.value == value)
+                )
+            )
+        return self._records(query.order_by(m.Adapter.name, m.Adapter.version))
+
+    def adapters_on_base(self, base: str | BaseRecord) -> builtins.list[AdapterRecord]:
+        base_rec = base if isinstance(base, BaseRecord) else self.get_base(base)
+        return self._records(
+            select(*_ADAPTER_COLS)
+            .where(m.Adapter.base_id == base_rec.id)
+            .order_by(m.Adapter.name, m.Adapter.version)
+        )
+
+    def show(self, ref: str) -> AdapterDetail:
+        record = self.resolve(ref)
+        return AdapterDetail(record, self.regions(record))
+
+    def regions(self, adapter: str | AdapterRecord) -> dict[str, Region]:
+        """Per module, the region one adapter touches."""
+        record = adapter if isinstance(adapter, AdapterRecord) else self.resolve(adapter)
+        found = self._region_rows(m.Region.adapter_id == record.id)
+        return found.get(record.id, {})
+
+    def regions_on_base(
+        self, base: str | BaseRecord, modules: Iterable[str] | None = None
+    ) -> dict[str, dict[str, Region]]:
+        """Every region of every adapter on ``base`` in two queries: ref -> module -> Region."""
+        base_rec = base if isinstance(base, BaseRecord) else self.get_base(base)
+        with self.read() as session:
+            refs = dict(
+                session.execute(
+                    select(
+                        m.Adapter.id, m.Adapter.name + "@" + func.cast(m.Adapter.version, m.String)
+                    ).where(m.Adapter.base_id == base_rec.id)
+                )
+                .tuples()
+                .all()
+            )
+        cond = m.Adapter.base_id == base_rec.id
+        if modules is not None:
+            cond = cond & m.BaseModule.name.in_(list(modules))
+        by_id = self._region_rows(cond, join_adapters=True)
+        return {refs[i]: regs for i, regs in by_id.items()}
+
+    def _region_rows(self, cond: Any, join_adapters: bool = False) -> dict[int, dict[str, Region]]:
+        query: Any = select(
+            m.Region.adapter_id,
+            m.BaseModule.name,
+            m.BaseModule.out_features,
+            m.BaseModule.in_features,
+            m.Region.variant,
+            m.Region.count,
+            m.Region.indices,
+        ).join(m.BaseModule, m.BaseModule.id == m.Region.module_id)
+        if join_adapters:
+            query = query.join(m.Adapter, m.Adapter.id == m.Region.adapter_id)
+        out: dict[int, dict[str, Region]] = {}
+        with self.read() as session:
+            rows = session.execute(query.where(cond)).tuples().all()
+        for adapter_id, mod, out_f, in_f, variant, count, blob in rows:
+            idx = (
+                np.arange(count, dtype=np.int64) if blob is None else indexblob.decode(blob, count)
+            )
+            out.setdefault(adapter_id, {})[mod] = Region(variant, (out_f, in_f), idx)
+        return out
+
+    def blob_path(self, sha256: str) -> Path:
+        """The directory holding an adapter's stored files."""
+        path = self.blobs.path(sha256)
+        if not path.is_dir():
+            raise NotFoundError(f"blob {sha256} is not in {self.blobs.root}")
+        return path
+
+    def _records(self, query: Any) -> builtins.list[AdapterRecord]:
+        with self.read() as session:
+            rows = (
+                session.execute(query.join(m.BaseModel, m.BaseModel.id == m.Adapter.base_id))
+                .mappings()
+                .all()
+            )
+            ids = [r["id"] for r in rows]
+            tags: dict[int, dict[str, str]] = {}
+            if ids:
+                tag_query = select(m.Tag.adapter_id, m.Tag.key, m.Tag.value)
+                if len(ids) < 500:
+                    tag_query = tag_query.where(m.Tag.adapter_id.in_(ids))
+                for aid, key, value in session.execute(tag_query).tuples():
+                    tags.setdefault(aid, {})[key] = value
+        return [
+            AdapterRecord(
+                id=r["id"],
+                name=r["name"],
+                version=r["version"],
+                base=r["base_name"],
+                base_fingerprint=r["fingerprint"],
+                task=r["task"],
+                format=r["format"],
+                variant=r["variant"],
+                rank=r["rank"],
+                alpha=r["alpha"],
+                target_modules=list(r["target_modules"]),
+                sha256=r["sha256"],
+                size=r["size"],
+                created=_utc(r["created"]),
+                metadata=dict(r["metadata"]),
+                provenance=dict(r["provenance"]),
+                tags=tags.get(r["id"], {}),
+            )
+            for r in rows
+        ]
+
+    # Removing ------------------------------------------------------------------------------
+
+    def rm(self, ref: str) -> builtins.list[AdapterRecord]:
+        """Remove ``name@version``, or every version of ``name``; blobs stay until ``gc``."""
+        name, version = parse_ref(ref)
+        targets = [self.resolve(ref)] if version is not None else self.list_versions(name)
+        if not targets:
+            raise NotFoundError(f"no adapter named {name!r}: see `sbora-reg list`")
+        with self.write() as session:
+            session.execute(delete(m.Adapter).where(m.Adapter.id.in_([t.id for t in targets])))
+        return targets
+
+    def gc(self) -> GcResult:
+        """Delete blobs no adapter references, and staging dirs left by killed processes."""
+        detached: builtins.list[tuple[str, Path]] = []
+        with self.write() as session:
+            referenced = set(session.scalars(select(m.Adapter.sha256).distinct()))
+            recorded = set(session.scalars(select(m.Blob.sha256)))
+            doomed = (recorded | set(self.blobs.stored())) - referenced
+            for sha in sorted(doomed):
+                moved = self.blobs.detach(sha)
+                if moved is not None:
+                    detached.append((sha, moved))
+            if doomed & recorded:
+                session.execute(delete(m.Blob).where(m.Blob.sha256.in_(doomed & recorded)))
+        freed = 0
+        for _sha, path in detached:
+            freed += dir_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+        stale = self.blobs.stale_temps()
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return GcResult(sorted(doomed), freed, len(stale))
+
+
+def check_fits(summary: AdapterSummary, base: BaseRecord) -> None:
+    """Raise unless every adapted module is in ``base`` with its shape and in-range indices."""
+    if summary.base_fingerprint and summary.base_fingerprint != base.fingerprint:
+        raise FingerprintMismatchError(
+            f"the adapter was made for base fingerprint {summary.base_fingerprint[:12]}, "
+            f"not {base.name} ({base.fingerprint[:12]}): pass the --base it was trained on"
+        )
+    for name, mod in sorted(summary.modules.items()):
+        have = base.modules.get(name)
+        if have is None:
+            raise ShapeMismatchError(f"{base.name} has no module {name}: wrong --base?")
+        if tuple(have.shape) != tuple(mod.shape):
+            raise ShapeMismatchError(
+                f"module {name} is {mod.shape[0]}x{mod.shape[1]} in the adapter but "
+                f"{have.shape[0]}x{have.shape[1]} in {base.name}: wrong --base?"
+            )
+        if mod.indices is not None and mod.indices.size:
+            dim = mod.shape[1] if mod.variant == "fa" else mod.shape[0]
+            if mod.indices.min() < 0 or mod.indices.max() >= dim:
+                raise InvalidIndicesError(f"module {name} has indices outside [0, {dim})")
+
+
+def _region_row(module_id: int, mod: Any) -> dict[str, Any]:
+    if mod.variant == "lora" or mod.indices is None:
+        return {"module_id": module_id, "variant": "lora", "count": 0, "indices": None}
+    return {
+        "module_id": module_id,
+        "variant": mod.variant,
+        "count": int(mod.indices.size),
+        "indices": indexblob.encode(mod.indices),
+    }
+
+
+__all__: Sequence[str] = ["Registry", "check_fits"]
