@@ -21,21 +21,47 @@ from sbora_reg.sbora.indices import (
     save_indices,
     validate_indices,
 )
+from sbora_reg.sbora.layer import SBoRALayer, is_adapter_param
+from sbora_reg.sbora.model import (
+    apply_adapter,
+    extract,
+    inject,
+    merge,
+    merge_and_unload,
+    sbora_layers,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from sbora_reg.sbora.peft_io import from_peft, to_peft
 
 __all__ = [
     "Adapter",
     "AdapterModule",
     "SBoRAConfig",
+    "SBoRALayer",
+    "apply_adapter",
     "cells",
     "default_indices",
     "delta_weight",
     "dir_sha256",
+    "extract",
     "fa_delta",
     "fb_delta",
+    "from_peft",
+    "inject",
+    "is_adapter_param",
     "load_indices",
     "lora_delta",
+    "merge",
+    "merge_and_unload",
     "model_fingerprint",
     "read_indices_file",
     "save_indices",
+    "sbora_layers",
+    "to_peft",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
     "validate_indices",
 ]

@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ def layer_kind_and_shape(module: nn.Module) -> tuple[str, Shape] | None:
     """``("linear"|"conv1d"|"embedding", (out, in))`` for a supported layer, else None."""
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
-        nx, nf = module.weight.shape  # Conv1D weight is (in, out)
+        nx, nf = cast(torch.Tensor, module.weight).shape  # Conv1D weight is (in, out)
         return "conv1d", (int(nf), int(nx))
     if isinstance(module, nn.Linear):
         # Use the declared features: a 4-bit weight is packed and has another shape.
