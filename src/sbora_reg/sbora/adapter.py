@@ -213,7 +213,7 @@ class Adapter:
         return files_sha256(self.file_bytes())
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``sbora_config.json`` + ``sbora_adapter.safetensors`` atomically; return the dir."""
+        """Write ``sbora_config.json`` + the safetensors atomically; return the dir."""
         directory = Path(directory)
         write_dir_atomic(directory, self.file_bytes())
         return directory

@@ -111,7 +111,7 @@ class SBoRALayer(nn.Module):
         )
 
     def region(self) -> tuple[str, torch.Tensor | None]:
-        """What the update touches, in the (out, in) frame: ("cols"|"rows", idx) or ("all", None)."""
+        """What the update touches in the (out, in) frame: ("cols"|"rows", idx) or ("all", None)."""
         if self.variant == "fa":
             return "cols", self.sbora_idx
         if self.variant == "fb":

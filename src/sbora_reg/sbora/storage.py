@@ -1,4 +1,4 @@
-"""Safe file I/O shared by adapters and index files: safetensors only, pickle refused, atomic writes."""
+"""Safe file I/O for adapters and index files: safetensors only, no pickle, atomic writes."""
 
 from __future__ import annotations
 
