@@ -54,7 +54,6 @@ from sbora_reg.registry.overlap import Footprint, Region, compare_all
 from sbora_reg.registry.ranges import format_ranges
 from sbora_reg.sbora.adapter import Adapter, AdapterModule
 from sbora_reg.sbora.config import SBoRAConfig
-from sbora_reg.sbora.delta import delta_weight
 from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
 
 MANIFEST_NAME = "sbora_manifest.json"
@@ -74,7 +73,7 @@ class Member:
     name: str
     version: int | None
     sha256: str | None
-    adapter: Any
+    adapter: Adapter
 
 
 @dataclass
@@ -102,11 +101,21 @@ class ComposeResult:
 # --- the merge of one tensor -------------------------------------------------------------
 
 
-def _factor(module: Any, name: str) -> torch.Tensor:
-    return getattr(module, name).detach().float()
+def _factor(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:  # AdapterModule.validate() makes this unreachable
+        raise SboraRegError("internal: an adapter module lacks a factor or its indices")
+    return t.detach().float()
 
 
-def merge_tensor(weight: torch.Tensor, modules: Sequence[Any], dtype: torch.dtype) -> torch.Tensor:
+def _idx(m: AdapterModule) -> torch.Tensor:
+    if m.indices is None:
+        raise SboraRegError(f"internal: module {m.name} has no indices")
+    return m.indices
+
+
+def merge_tensor(
+    weight: torch.Tensor, modules: Sequence[AdapterModule], dtype: torch.dtype
+) -> torch.Tensor:
     """``cast(W + Σ ΔW)`` for one stored weight; only touched rows/columns go through float32.
 
     ``weight`` is as stored ((out, in), or (in, out) for Conv1D); ``modules`` are the members'
@@ -117,26 +126,24 @@ def merge_tensor(weight: torch.Tensor, modules: Sequence[Any], dtype: torch.dtyp
     variants = {m.variant for m in modules}
     if variants in ({"fa"}, {"fb"}):
         dim = 1 if variants == {"fa"} else 0  # FA: columns, FB: rows
-        union = torch.unique(torch.cat([m.indices for m in modules]))  # sorted (u,)
+        union = torch.unique(torch.cat([_idx(m) for m in modules]))  # sorted (u,)
         region = w.index_select(dim, union).float()  # (out, u) or (u, in)
         for m in modules:
-            part = _factor(m, "B") if m.variant == "fa" else _factor(m, "A")
-            region.index_add_(dim, torch.searchsorted(union, m.indices), m.scale * part)
+            part = _factor(m.b) if m.variant == "fa" else _factor(m.a)
+            region.index_add_(dim, torch.searchsorted(union, _idx(m)), m.scale * part)
         merged = w.to(dtype, copy=True)
         merged.index_copy_(dim, union, region.to(dtype))
     else:  # LoRA or FA and FB on one module: every cell may change
         full = w.float()
         for m in modules:
-            a = _factor(m, "A") if m.variant != "fa" else None
-            b = _factor(m, "B") if m.variant != "fb" else None
-            full += delta_weight(m.variant, tuple(m.shape), m.scale, m.indices, a, b)
+            full += m.delta()
         merged = full.to(dtype)
     return merged.T.contiguous() if conv else merged
 
 
-def touched_tensors(ckpt: Checkpoint, members: Sequence[Member]) -> dict[str, list[Any]]:
+def touched_tensors(ckpt: Checkpoint, members: Sequence[Member]) -> dict[str, list[AdapterModule]]:
     """Tensor name -> the members' modules on it, after checking every one fits the base."""
-    touched: dict[str, list[Any]] = {}
+    touched: dict[str, list[AdapterModule]] = {}
     for member in members:
         for name, module in member.adapter.modules.items():
             entry = ckpt.entry(f"{name}.weight")
@@ -165,7 +172,7 @@ def _out_specs(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[OutSpec]:
 
 def write_merged_weights(
     ckpt: Checkpoint,
-    touched: dict[str, list[Any]],
+    touched: dict[str, list[AdapterModule]],
     out: Path,
     dtype: torch.dtype | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -220,7 +227,7 @@ def combine(members: Sequence[Member], base_fingerprint: str | None = None) -> A
     live in one file); a module mixing FA and FB, or with a LoRA member, becomes a LoRA module with
     the members' factors concatenated (FA: ``A = I[idx]``, FB: ``B = I[:, idx]``).
     """
-    by_module: dict[str, list[Any]] = {}
+    by_module: dict[str, list[AdapterModule]] = {}
     for member in members:
         for name, module in member.adapter.modules.items():
             by_module.setdefault(name, []).append(module)
@@ -237,31 +244,31 @@ def combine(members: Sequence[Member], base_fingerprint: str | None = None) -> A
     return Adapter(config, modules, base_fingerprint, base_model, metadata)
 
 
-def _combine_module(name: str, mods: Sequence[Any]) -> AdapterModule:
+def _combine_module(name: str, mods: Sequence[AdapterModule]) -> AdapterModule:
     first = mods[0]
     out, inp = first.shape
     variants = {m.variant for m in mods}
     if variants in ({"fa"}, {"fb"}):
         dim = 1 if variants == {"fa"} else 0
-        union = torch.unique(torch.cat([m.indices for m in mods]))
+        union = torch.unique(torch.cat([_idx(m) for m in mods]))
         size = (out, len(union)) if dim == 1 else (len(union), inp)
         factor = torch.zeros(size, dtype=torch.float32)
         for m in mods:
-            part = _factor(m, "B") if m.variant == "fa" else _factor(m, "A")
-            factor.index_add_(dim, torch.searchsorted(union, m.indices), m.scale * part)
+            part = _factor(m.b) if m.variant == "fa" else _factor(m.a)
+            factor.index_add_(dim, torch.searchsorted(union, _idx(m)), m.scale * part)
         a, b = (None, factor) if dim == 1 else (factor, None)
         return AdapterModule(name, first.variant, first.kind, (out, inp), 1.0, union, a, b)
     a_parts, b_parts = [], []
     for m in mods:  # ΔW = Σ s·B_m A_m = [s·B_1 ... s·B_k] @ [A_1; ...; A_k]
         if m.variant == "fa":
             a_parts.append(torch.eye(inp)[m.indices])
-            b_parts.append(m.scale * _factor(m, "B"))
+            b_parts.append(m.scale * _factor(m.b))
         elif m.variant == "fb":
-            a_parts.append(m.scale * _factor(m, "A"))
+            a_parts.append(m.scale * _factor(m.a))
             b_parts.append(torch.eye(out)[:, m.indices])
         else:
-            a_parts.append(_factor(m, "A"))
-            b_parts.append(m.scale * _factor(m, "B"))
+            a_parts.append(_factor(m.a))
+            b_parts.append(m.scale * _factor(m.b))
     a, b = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
     return AdapterModule(name, "lora", first.kind, (out, inp), 1.0, None, a, b)
 
@@ -373,7 +380,7 @@ def check_overlap(members: Sequence[Member], fingerprint: str, allow_overlap: bo
             {
                 name: Region(
                     mod.variant,
-                    tuple(mod.shape),
+                    mod.shape,
                     np.zeros(0, np.int64) if mod.indices is None else mod.indices.numpy(),
                 )
                 for name, mod in m.adapter.modules.items()
