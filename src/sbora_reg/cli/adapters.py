@@ -1,1 +1,176 @@
-"""CLI verbs: adapters (being built)."""
+"""CLI verbs: add, list, show, rm, gc (adapters in the registry)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sbora_reg.cli import main
+from sbora_reg.registry import AdapterDetail, AdapterRecord, Registry
+from sbora_reg.registry.ranges import format_ranges
+
+
+@contextmanager
+def open_registry(ctx: click.Context) -> Iterator[Registry]:
+    """The registry named by the global ``--db`` (or ``SBORA_REG_DB``), closed afterwards."""
+    with Registry.open(ctx.obj["db"]) as registry:
+        yield registry
+
+
+def parse_tags(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict:
+    tags: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: write tags as KEY=VALUE")
+        tags[key] = value
+    return tags
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def _tags(tags: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", help="Adapter name (default: the directory name).")
+@click.option("--task", help="Task the adapter was trained for.")
+@click.option("--base", help="Base model: a local model directory or a registered base name.")
+@click.option("--tag", "tags", multiple=True, callback=parse_tags, help="KEY=VALUE (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@click.pass_context
+def add(
+    ctx: click.Context,
+    path: Path,
+    name: str | None,
+    task: str | None,
+    base: str | None,
+    tags: dict[str, str],
+    as_json: bool,
+) -> None:
+    """Register an adapter directory (native SBoRA or PEFT LoRA) as NAME@VERSION."""
+    with open_registry(ctx) as registry:
+        record = registry.add(path, name=name, task=task, base=base, tags=tags)
+    if as_json:
+        echo_json(record.to_json())
+    else:
+        click.echo(f"{record.ref}  {record.variant} r={record.rank}  sha256 {record.sha256[:12]}")
+
+
+@main.command("list")
+@click.option("--base", help="Only adapters on this base (name, path or fingerprint).")
+@click.option("--task", help="Only adapters for this task.")
+@click.option("--tag", "tags", multiple=True, callback=parse_tags, help="KEY=VALUE (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print exact JSON.")
+@click.pass_context
+def list_(
+    ctx: click.Context, base: str | None, task: str | None, tags: dict[str, str], as_json: bool
+) -> None:
+    """List registered adapter versions."""
+    with open_registry(ctx) as registry:
+        records = registry.list(base=base, task=task, tags=tags)
+    if as_json:
+        echo_json([r.to_json() for r in records])
+    else:
+        Console().print(_list_table(records))
+
+
+def _list_table(records: list[AdapterRecord]) -> Table:
+    table = Table("adapter", "task", "variant", "rank", "base", "tags", "size", "created")
+    for r in records:
+        table.add_row(
+            r.ref,
+            r.task or "",
+            r.variant,
+            str(r.rank),
+            Path(r.base).name or r.base,
+            _tags(r.tags),
+            _size(r.size),
+            r.created.strftime("%Y-%m-%d %H:%M"),
+        )
+    return table
+
+
+@main.command()
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("--json", "as_json", is_flag=True, help="Print exact JSON.")
+@click.pass_context
+def show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show one adapter version (latest by default) and the regions it touches per module."""
+    with open_registry(ctx) as registry:
+        detail = registry.show(ref)
+    if as_json:
+        echo_json(detail.to_json())
+    else:
+        _print_detail(detail)
+
+
+def _print_detail(detail: AdapterDetail) -> None:
+    r = detail.record
+    console = Console()
+    for key, value in [
+        ("adapter", r.ref),
+        ("task", r.task or ""),
+        ("variant", f"{r.variant} ({r.format})"),
+        ("rank / alpha", f"{r.rank} / {r.alpha:g}"),
+        ("base", f"{r.base} ({r.base_fingerprint[:12]})"),
+        ("sha256", r.sha256),
+        ("size", _size(r.size)),
+        ("created", r.created.isoformat()),
+        ("tags", _tags(r.tags)),
+        ("metadata", json.dumps(r.metadata, sort_keys=True)),
+    ]:
+        console.print(f"[bold]{key:>13}[/bold]  {value}", highlight=False)
+    table = Table("module", "variant", "shape", "count", "indices")
+    for name, region in sorted(detail.regions.items()):
+        indices = "all cells" if region.variant == "lora" else format_ranges(region.indices)
+        table.add_row(
+            name,
+            f"{region.variant} ({region.axis})",
+            f"{region.shape[0]}x{region.shape[1]}",
+            str(region.indices.size),
+            indices,
+        )
+    console.print(table)
+
+
+@main.command()
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.pass_context
+def rm(ctx: click.Context, ref: str) -> None:
+    """Remove NAME@VERSION, or every version of NAME; `gc` frees the files."""
+    with open_registry(ctx) as registry:
+        removed = registry.rm(ref)
+    for record in removed:
+        click.echo(f"removed {record.ref}")
+
+
+@main.command()
+@click.pass_context
+def gc(ctx: click.Context) -> None:
+    """Delete stored adapter files that no adapter version refers to."""
+    with open_registry(ctx) as registry:
+        result = registry.gc()
+    click.echo(
+        f"freed {len(result.blobs_removed)} blob(s), {_size(result.bytes_freed)}"
+        + (f"; removed {result.temp_removed} stale temp dir(s)" if result.temp_removed else "")
+    )

@@ -7,6 +7,7 @@ from sbora_reg.registry.records import (
     BaseRecord,
     GcResult,
     Region,
+    SchemaStatus,
 )
 from sbora_reg.registry.store import Registry
 
@@ -18,4 +19,5 @@ __all__ = [
     "GcResult",
     "Region",
     "Registry",
+    "SchemaStatus",
 ]

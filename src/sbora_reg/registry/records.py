@@ -145,3 +145,18 @@ class GcResult:
     blobs_removed: list[str]
     bytes_freed: int
     temp_removed: int
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """Schema revision of a database (None: empty) and the head revision of this code."""
+
+    current: str | None
+    head: str
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+    def to_json(self) -> dict[str, Any]:
+        return {"current": self.current, "head": self.head, "up_to_date": self.up_to_date}

@@ -49,6 +49,7 @@ from sbora_reg.registry.records import (
     BaseRecord,
     GcResult,
     Region,
+    SchemaStatus,
 )
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,16 @@ class Registry:
     @property
     def location(self) -> str:
         return self.db.location.display
+
+    def schema(self) -> SchemaStatus:
+        """The database's schema revision and the newest one this code knows."""
+        return SchemaStatus(migrations.current_revision(self.db), migrations.head_revision())
+
+    def upgrade(self) -> tuple[SchemaStatus, SchemaStatus]:
+        """Upgrade the schema to the newest revision (under the lock): (before, after)."""
+        before = self.schema()
+        migrations.upgrade(self.db)
+        return before, self.schema()
 
     @contextmanager
     def write(self) -> Iterator[Session]:
