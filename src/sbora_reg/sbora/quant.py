@@ -1,0 +1,500 @@
+"""QSBoRA: SBoRA on a bitsandbytes 4-bit (NF4/FP4) or 8-bit (LLM.int8) base model.
+
+The adapter stays in 16/32-bit and the quantised base is never touched by training:
+
+    FA:  y = Q(W0) x + s · B x[idx]            (gather; the adapter term never dequantises W0)
+    FB:  y = (Q(W0) x).index_add(-1, idx, s · A x)
+
+``Linear4bit`` and ``Linear8bitLt`` subclass ``nn.Linear``, so ``sbora.inject`` wraps them as it
+wraps any linear layer. What is special lives here:
+
+- loading (``load_quantized``) and preparing for training (``prepare_for_training``);
+- ``dequantize_weight``: the float (out, in) weight a quantised layer really computes with;
+- ``merge_dequantized``: dequantise, add ΔW, keep the result in 16/32-bit. Only the adapter's
+  columns (FA) or rows (FB) change; every other weight equals the dequantised base bit for bit;
+- ``requantize``: merge and quantise back, only on request. NF4/FP4 quantise blocks of 64
+  consecutive values of a row and int8 whole rows, so a regional update moves the block (row)
+  scales and changes weights the adapter never touched; the returned report counts them.
+- ``quantization_metadata``: how an adapter's training base was quantised, for its metadata. The
+  adapter's ``base_fingerprint`` is the unquantised checkpoint's (the fingerprint reads
+  ``in_features``/``out_features``, not the packed weight).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from sbora_reg.errors import ConfigError, QuantizationError
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QUANT_TYPES = ("nf4", "fp4")
+
+
+# --------------------------------------------------------------------------- bitsandbytes access
+
+
+def require_bitsandbytes() -> ModuleType:
+    """Import bitsandbytes or raise a ``QuantizationError`` that says how to get it."""
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as exc:
+        raise QuantizationError(
+            "this needs bitsandbytes for a quantised base model: pip install 'bitsandbytes>=0.45'"
+        ) from exc
+
+
+def _bnb_or_none() -> ModuleType | None:
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError:
+        return None
+
+
+# Parameter classes of quantised bitsandbytes layers, recognised by name so that a model holding
+# them is reported clearly even where bitsandbytes cannot be imported.
+_QUANT_PARAM_NAMES = ("Params4bit", "Int8Params")
+
+
+def quant_kind(module: nn.Module) -> str | None:
+    """``"nf4"``, ``"fp4"`` or ``"int8"`` for a quantised bitsandbytes linear layer, else None.
+
+    An 8-bit layer that keeps fp16 weights (``has_fp16_weights=True``) is not quantised storage
+    and reports None.
+    """
+    weight = getattr(module, "weight", None)
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return str(weight.quant_type)  # type: ignore[union-attr]
+    if kind == "Int8Params":
+        return "int8" if weight.dtype == torch.int8 else None  # type: ignore[union-attr]
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes linear layer holding quantised weights."""
+    return quant_kind(module) is not None
+
+
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` holds quantised weights."""
+    return any(is_quantized(m) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- loading, training
+
+
+def load_quantized(
+    path: str | Path,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load a transformers causal LM from ``path`` with its linear layers quantised.
+
+    ``bits=4`` gives ``Linear4bit`` (``quant_type`` nf4|fp4, ``double_quant`` quantises the block
+    scales too, ``compute_dtype`` is the matmul dtype); ``bits=8`` gives ``Linear8bitLt``. The
+    other parameters (embeddings, norms, head) load in ``dtype``. Extra keyword arguments go to
+    ``from_pretrained``. Equivalent to passing transformers' ``BitsAndBytesConfig`` yourself.
+    """
+    require_bitsandbytes()
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits not in (4, 8):
+        raise ConfigError(f"bits must be 4 or 8, not {bits!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ConfigError(f"quant_type must be 'nf4' or 'fp4', not {quant_type!r}")
+    if compute_dtype not in FLOAT_DTYPES:
+        raise ConfigError(
+            f"compute_dtype must be float32, bfloat16 or float16, not {compute_dtype}"
+        )
+    if bits == 4:
+        qconfig = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    else:
+        qconfig = BitsAndBytesConfig(load_in_8bit=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=qconfig, dtype=dtype, **kwargs
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot load a model from {path}: {exc}") from exc
+
+
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """Make a quantised model ready for adapter training (PEFT's prepare_model_for_kbit_training).
+
+    Freezes every parameter (``sbora.inject`` then adds the trainable adapter), upcasts 16-bit
+    parameters that are not quantised (norms, embeddings, head) to float32 for stable training,
+    and with ``gradient_checkpointing`` turns it on (non-reentrant) with input gradients enabled,
+    so that checkpointed blocks still pass gradients back to the adapters.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if type(param).__name__ not in _QUANT_PARAM_NAMES and param.dtype in FLOAT_DTYPES[1:]:
+            param.data = param.data.float()
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"{type(model).__name__} does not support gradient checkpointing: "
+                "pass gradient_checkpointing=False"
+            )
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+        model.enable_input_require_grads()  # type: ignore[operator]
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False  # the KV cache is useless (and warned about) here
+    return model
+
+
+# --------------------------------------------------------------------------- dequantisation
+
+
+def _packed_cpu_to_float(weight: torch.Tensor, state: Any) -> torch.Tensor:
+    """Dequantise a 4-bit weight that bitsandbytes repacked for its AVX512-BF16 CPU kernel.
+
+    On such CPUs the first eval-mode forward rewrites the weight in place into a tiled layout
+    and stores the block scales as bf16 (out/blocksize... transposed); undo the layout on a copy.
+    """
+    import bitsandbytes.functional as bnbf
+
+    state = copy.deepcopy(state)
+    state.original_nested = False  # keep the bf16 scales the kernel uses; do not re-quantise them
+    data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data.clone(), state)
+    out, inp = state.shape
+    absmax = state.absmax.T.reshape(-1).float()  # (out*in/blocksize,)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        data.view(-1, 1), absmax, state.blocksize, state.quant_type, (out, inp), torch.float32
+    )
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 weight (out, in) that ``module`` multiplies with.
+
+    Works for ``Linear4bit`` (NF4/FP4, double quantisation or not), ``Linear8bitLt`` (row scales
+    ``SCB``: ``W = CB · SCB / 127``) and plain ``nn.Linear``; an SBoRA wrapper is read through
+    its ``base_layer``. The result is a new tensor; the module is not modified.
+    """
+    module = getattr(module, "base_layer", module)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise QuantizationError(f"{type(module).__name__} has no weight to dequantise")
+    kind = quant_kind(module)
+    if kind is None:
+        if not weight.is_floating_point():
+            raise QuantizationError(
+                f"cannot read a {weight.dtype} weight of {type(module).__name__}"
+            )
+        return weight.detach().float().clone()
+    require_bitsandbytes()
+    import bitsandbytes.functional as bnbf
+
+    if kind == "int8":
+        scb = getattr(weight, "SCB", None)
+        if scb is None:  # after a first forward the scales live in the layer's matmul state
+            scb = module.state.SCB
+        return bnbf.int8_vectorwise_dequant(weight.data, scb).float()
+    state = weight.quant_state  # type: ignore[attr-defined]
+    if getattr(state, "packing_format_for_cpu", False):
+        return _packed_cpu_to_float(weight, state)
+    return bnbf.dequantize_4bit(weight.data, state).float()
+
+
+def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+    """A plain ``nn.Linear`` in ``dtype`` holding ``module``'s dequantised weight and its bias."""
+    _check_float_dtype(dtype)
+    weight = dequantize_weight(module)
+    out, inp = weight.shape
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(inp, out, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.detach())
+    linear.requires_grad_(False)
+    return linear
+
+
+def _check_float_dtype(dtype: torch.dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise QuantizationError(
+            f"a regional merge keeps weights in float32, bfloat16 or float16, not {dtype}; "
+            "quantising the merged weight again is sbora.quant.requantize (it is not regional)"
+        )
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _sbora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from sbora_reg.sbora.layer import SBoRALayer
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, SBoRALayer)]
+    if not found:
+        raise QuantizationError("the model has no SBoRA layers: inject or apply an adapter first")
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's unquantised, non-adapter parameters (what activations flow in)."""
+    for name, param in model.named_parameters():
+        if type(param).__name__ not in _QUANT_PARAM_NAMES and "sbora_" not in name:
+            if param.is_floating_point():
+                return param.dtype
+    return torch.float32
+
+
+def merge_dequantized(
+    model: nn.Module, dtype: torch.dtype | None = None, everywhere: bool = False
+) -> nn.Module:
+    """Merge every SBoRA adapter of ``model`` into a dequantised copy of its base weight.
+
+    Each quantised base layer under an SBoRA wrapper becomes an ``nn.Linear`` in ``dtype``
+    (float32, bfloat16 or float16; default: the dtype of the model's unquantised parameters, so
+    the merged model still runs) holding ``dequant(W0)``, and the wrapper then merges ``ΔW``
+    into it regionally: only the adapter's columns (FA) or rows (FB) differ from
+    ``dequant(W0)``. With ``everywhere`` the other quantised linear layers are dequantised too (a
+    plain 16/32-bit model results, whose ``config`` no longer claims quantisation). Returns
+    ``model``, merged in place; ``sbora.unload`` then drops the wrappers.
+    """
+    dtype = activation_dtype(model) if dtype is None else dtype
+    _check_float_dtype(dtype)
+    layers = _sbora_layers(model)
+    for _, layer in layers:
+        if is_quantized(layer.base_layer):
+            if layer.merged:
+                raise QuantizationError("an SBoRA layer over a quantised base is already merged")
+            layer.base_layer = dequantized_linear(layer.base_layer, dtype)
+        layer.merge()
+    if everywhere:
+        for name, module in list(model.named_modules()):
+            if is_quantized(module):
+                _set_submodule(model, name, dequantized_linear(module, dtype))
+        _drop_quantization_config(model)
+    return model
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    """Make a fully dequantised transformers model save and report as a plain model."""
+    if has_quantized_layers(model):
+        return
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+
+
+# --------------------------------------------------------------------------- re-quantisation
+
+
+@dataclass(frozen=True)
+class ModuleRequantStats:
+    """What re-quantising one merged module changed, against the dequantised base."""
+
+    kind: str  # nf4 | fp4 | int8
+    region_cells: int  # cells the adapter may touch (out·r for FA, r·in for FB)
+    outside_cells: int  # all other cells
+    changed_outside: int  # of those, how many now dequantise to a different value
+    max_error_inside: float  # max |dequant(requantised) - (dequant(W0) + ΔW)| in the region
+
+
+@dataclass(frozen=True)
+class RequantizeReport:
+    """Per-module and total counts of weights outside the adapters' regions that changed."""
+
+    modules: dict[str, ModuleRequantStats] = field(default_factory=dict)
+
+    @property
+    def changed_outside(self) -> int:
+        return sum(m.changed_outside for m in self.modules.values())
+
+    @property
+    def outside_cells(self) -> int:
+        return sum(m.outside_cells for m in self.modules.values())
+
+    @property
+    def fraction_changed_outside(self) -> float:
+        total = self.outside_cells
+        return self.changed_outside / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "changed_outside": self.changed_outside,
+            "outside_cells": self.outside_cells,
+            "fraction_changed_outside": self.fraction_changed_outside,
+            "modules": {n: vars(s) for n, s in self.modules.items()},
+        }
+
+
+def region_mask(layer: nn.Module) -> torch.Tensor:
+    """Boolean (out, in) mask of the cells an SBoRA layer may change (FA columns, FB rows)."""
+    base = layer.base_layer
+    mask = torch.zeros(
+        (base.out_features, base.in_features), dtype=torch.bool, device=layer.sbora_idx.device
+    )
+    if layer.variant == "fa":
+        mask[:, layer.sbora_idx] = True
+    else:
+        mask[layer.sbora_idx, :] = True
+    return mask
+
+
+def _quantize_like(base: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A new bitsandbytes layer of ``base``'s kind and settings holding ``weight`` quantised."""
+    bnb = require_bitsandbytes()
+    bias = base.bias
+    device = weight.device
+    if quant_kind(base) == "int8":
+        new8 = bnb.nn.Linear8bitLt(
+            base.in_features,
+            base.out_features,
+            bias=bias is not None,
+            has_fp16_weights=False,
+            threshold=base.state.threshold,
+            device=device,
+        )
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        new8.weight = bnb.nn.Int8Params(
+            cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb
+        )
+        if bias is not None:
+            new8.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return new8.train(base.training)
+    old = base.weight.quant_state
+    new4 = bnb.nn.Linear4bit(
+        base.in_features,
+        base.out_features,
+        bias=bias is not None,
+        compute_dtype=base.compute_dtype,
+        compress_statistics=base.weight.compress_statistics,
+        quant_type=base.weight.quant_type,
+        quant_storage=base.weight.quant_storage,
+        device=device,
+    )
+    qdata, state = bnb.functional.quantize_4bit(
+        weight.to(getattr(old, "original_dtype", old.dtype)).contiguous(),
+        blocksize=base.weight.blocksize,
+        compress_statistics=base.weight.compress_statistics,
+        quant_type=base.weight.quant_type,
+        quant_storage=base.weight.quant_storage,
+    )
+    new4.weight = bnb.nn.Params4bit(
+        qdata,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=base.weight.blocksize,
+        compress_statistics=base.weight.compress_statistics,
+        quant_type=base.weight.quant_type,
+        quant_storage=base.weight.quant_storage,
+        module=new4,
+        bnb_quantized=True,
+    )
+    new4.quant_state = state
+    if bias is not None:
+        new4.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return new4.train(base.training)
+
+
+def requantize(model: nn.Module) -> RequantizeReport:
+    """Merge each SBoRA adapter over a quantised base and quantise the result again, in place.
+
+    Not regional: a changed value moves its block's (NF4/FP4) or row's (int8) scale, so weights
+    the adapter never touched change too. Each wrapper is replaced by a quantised layer of the
+    base's kind and settings holding ``quant(dequant(W0) + ΔW)``; the report counts, per module,
+    the cells outside the adapter's region whose dequantised value is no longer
+    ``dequant(W0)``. Use ``merge_dequantized`` to keep merges regional.
+    """
+    stats: dict[str, ModuleRequantStats] = {}
+    for name, layer in _sbora_layers(model):
+        base = layer.base_layer
+        kind = quant_kind(base)
+        if kind is None:
+            raise QuantizationError(
+                f"{name} has an unquantised base: requantize only merges into quantised layers"
+            )
+        if layer.merged:
+            raise QuantizationError(f"{name} is merged: unmerge it before requantize")
+        w0 = dequantize_weight(base)  # (out, in) float32
+        target = w0 + layer.delta_weight().to(w0)
+        new = _quantize_like(base, target)
+        w1 = dequantize_weight(new)
+        mask = region_mask(layer).to(w0.device)
+        inside_err = (w1 - target)[mask].abs().max().item() if mask.any() else 0.0
+        stats[name] = ModuleRequantStats(
+            kind=kind,
+            region_cells=int(mask.sum()),
+            outside_cells=int((~mask).sum()),
+            changed_outside=int((w1 != w0)[~mask].sum()),
+            max_error_inside=float(inside_err),
+        )
+        _set_submodule(model, name, new)
+    if hasattr(model, "_sbora_config"):  # no SBoRA layer is left (as after sbora.unload)
+        delattr(model, "_sbora_config")
+    return RequantizeReport(stats)
+
+
+# --------------------------------------------------------------------------- adapter metadata
+
+
+def _label(module: nn.Module) -> str:
+    kind = quant_kind(module)
+    if kind == "int8":
+        return "bnb-int8"
+    # compress_statistics is double quantisation (the block scales are quantised to 8 bits)
+    return f"bnb-{kind}-dq" if module.weight.compress_statistics else f"bnb-{kind}"
+
+
+def quantization_metadata(model: nn.Module) -> dict[str, str]:
+    """Adapter metadata describing the quantised base the adapter was trained on.
+
+    ``{"quantization": "bnb-nf4-dq", "compute_dtype": "bfloat16"}`` for an NF4 base with double
+    quantisation (``bnb-fp4``, ``bnb-int8``, ...; several kinds are joined with commas); ``{}``
+    when the SBoRA layers' bases are not quantised. Only the base layers under SBoRA wrappers
+    count, or every layer when the model has no wrappers.
+    """
+    from sbora_reg.sbora.layer import SBoRALayer
+
+    bases = [m.base_layer for m in model.modules() if isinstance(m, SBoRALayer)]
+    if not bases:
+        bases = list(model.modules())
+    quantised = [m for m in bases if is_quantized(m)]
+    if not quantised:
+        return {}
+    meta = {"quantization": ",".join(sorted({_label(m) for m in quantised}))}
+    dtypes = {str(m.compute_dtype).removeprefix("torch.") for m in quantised if _has_compute(m)}
+    if dtypes:
+        meta["compute_dtype"] = ",".join(sorted(dtypes))
+    return meta
+
+
+def _has_compute(module: nn.Module) -> bool:
+    return getattr(module, "compute_dtype", None) is not None

@@ -1,0 +1,383 @@
+"""QSBoRA: SBoRA on bitsandbytes 4-bit and 8-bit bases, against dense references.
+
+Every numeric claim is checked against ``dequant(W0) x + x (s·B @ one_hot(idx)).T`` (FA) or its
+transpose (FB), built here with an explicit one-hot matrix; weights outside an adapter's region
+are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+import bitsandbytes.functional as bnbf  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from sbora_reg import sbora  # noqa: E402
+from sbora_reg.errors import ConfigError, QuantizationError  # noqa: E402
+from sbora_reg.sbora import quant  # noqa: E402
+from sbora_reg.sbora.fingerprint import dir_fingerprint, model_fingerprint  # noqa: E402
+from sbora_reg.sbora.layer import SBoRALayer  # noqa: E402
+from sbora_reg.sbora.model import extract, merge, unload  # noqa: E402
+from sbora_reg.sbora.model import inject as sbora_inject  # noqa: E402
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+# (bits, quant_type, double_quant, compute_dtype)
+NF4_DQ_BF16 = (4, "nf4", True, torch.bfloat16)
+FP4_FP32 = (4, "fp4", False, torch.float32)
+NF4_FP32 = (4, "nf4", False, torch.float32)
+INT8 = (8, "nf4", False, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny fp32 Llama saved as a transformers checkpoint (built from a config)."""
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def load(checkpoint: str, spec: tuple, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    bits, qtype, dq, compute = spec
+    return quant.load_quantized(
+        checkpoint, bits=bits, quant_type=qtype, double_quant=dq, compute_dtype=compute, dtype=dtype
+    )
+
+
+def sbora_layers(model: torch.nn.Module) -> dict[str, SBoRALayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SBoRALayer)}
+
+
+def randomise_factors(model: torch.nn.Module, seed: int = 1) -> None:
+    """Give every adapter a non-zero trained factor (they start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in sbora_layers(model).values():
+            factor = layer.sbora_B if layer.variant == "fa" else layer.sbora_A
+            factor.copy_(torch.randn(factor.shape, generator=g) * 0.05)
+
+
+def dense_delta(layer: SBoRALayer) -> torch.Tensor:
+    """ΔW (out, in) through an explicit one-hot matrix, independent of the library's code."""
+    out, inp = layer.base_layer.out_features, layer.base_layer.in_features
+    idx = layer.sbora_idx
+    if layer.variant == "fa":
+        one_hot = torch.eye(inp)[idx]  # A = I_in[idx]: (r, in)
+        return layer.scale * layer.sbora_B.detach().float() @ one_hot
+    one_hot = torch.eye(out)[:, idx]  # B = I_out[:, idx]: (out, r)
+    return layer.scale * one_hot @ layer.sbora_A.detach().float()
+
+
+def region(layer: SBoRALayer) -> torch.Tensor:
+    out, inp = layer.base_layer.out_features, layer.base_layer.in_features
+    mask = torch.zeros(out, inp, dtype=torch.bool)
+    if layer.variant == "fa":
+        mask[:, layer.sbora_idx] = True
+    else:
+        mask[layer.sbora_idx, :] = True
+    return mask
+
+
+def tolerance(spec: tuple) -> float:
+    bits, _, _, compute = spec
+    if bits == 8:
+        return 5e-2  # LLM.int8 also quantises the activations (row-wise absmax, 8 bits)
+    return 2e-2 if compute == torch.bfloat16 else 1e-5
+
+
+def inject(model: torch.nn.Module, variant: str, r: int = 8) -> torch.nn.Module:
+    config = sbora.SBoRAConfig(variant=variant, r=r, alpha=2.0 * r, target_modules=TARGETS)
+    return sbora_inject(model, config)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize(
+    "spec", [NF4_DQ_BF16, FP4_FP32, NF4_FP32, (4, "fp4", True, torch.float32), INT8]
+)
+def test_load_quantized_gives_bnb_layers_whose_dequant_is_what_they_compute(checkpoint, spec):
+    model = load(checkpoint, spec)
+    dense = LlamaForCausalLM.from_pretrained(checkpoint)
+    layer = model.model.layers[0].self_attn.q_proj
+    bits, qtype, _, _ = spec
+    assert quant.quant_kind(layer) == ("int8" if bits == 8 else qtype)
+    w = quant.dequantize_weight(layer)
+    w_dense = dense.model.layers[0].self_attn.q_proj.weight.detach()
+    assert w.shape == w_dense.shape and w.dtype == torch.float32
+    # close to the original (4-bit: within a block's quantisation step) but not equal to it
+    assert 0 < (w - w_dense).abs().max() <= 0.25 * w_dense.abs().max()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = layer(x).float()
+    ref = x @ w.T
+    assert (y - ref).abs().max() <= tolerance(spec) * ref.abs().max()
+
+
+def test_load_quantized_rejects_bad_arguments(checkpoint):
+    with pytest.raises(ConfigError, match="bits"):
+        quant.load_quantized(checkpoint, bits=3)
+    with pytest.raises(ConfigError, match="quant_type"):
+        quant.load_quantized(checkpoint, quant_type="int4")
+
+
+def test_quantised_model_without_bitsandbytes_is_a_clear_error(checkpoint, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    with pytest.raises(QuantizationError, match="pip install"):
+        quant.load_quantized(checkpoint)
+
+
+def test_fingerprint_of_quantised_model_is_the_checkpoints(checkpoint):
+    dense = LlamaForCausalLM.from_pretrained(checkpoint)
+    fp = model_fingerprint(dense)
+    assert dir_fingerprint(checkpoint) == fp
+    for spec in (NF4_DQ_BF16, INT8):
+        assert model_fingerprint(load(checkpoint, spec)) == fp
+
+
+# ---------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("variant", ["fa", "fb"])
+@pytest.mark.parametrize("spec", [NF4_DQ_BF16, FP4_FP32, INT8], ids=["nf4-dq-bf16", "fp4", "int8"])
+def test_layer_output_equals_dequant_plus_dense_delta(checkpoint, variant, spec):
+    model = inject(load(checkpoint, spec), variant)
+    randomise_factors(model)
+    layers = sbora_layers(model)
+    assert len(layers) == 2 * len(TARGETS)
+    x = torch.randn(3, 7, 64)
+    for layer in layers.values():
+        assert quant.is_quantized(layer.base_layer)
+        inp = x if layer.base_layer.in_features == 64 else torch.randn(3, 7, 128)
+        with torch.no_grad():
+            y = layer(inp).float()
+        ref = inp @ (quant.dequantize_weight(layer.base_layer) + dense_delta(layer)).T
+        assert (y - ref).abs().max() <= tolerance(spec) * ref.abs().max()
+        # the adapter term matters at this tolerance (the test can fail)
+        delta_only = inp @ dense_delta(layer).T
+        assert delta_only.abs().max() > 10 * tolerance(spec) * ref.abs().max()
+
+
+def test_fa_adapter_term_is_exact_and_never_dequantises(checkpoint, monkeypatch):
+    model = inject(load(checkpoint, FP4_FP32), "fa")
+    randomise_factors(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    calls = {"n": 0}
+    real_4bit, real_weight = bnbf.dequantize_4bit, quant.dequantize_weight
+
+    def count(real):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(bnbf, "dequantize_4bit", count(real_4bit))
+    monkeypatch.setattr(quant, "dequantize_weight", count(real_weight))
+
+    def run(module):
+        calls["n"] = 0
+        x = torch.randn(4, 64, requires_grad=True)
+        y = module(x)
+        y.square().sum().backward()
+        return calls["n"], x, y
+
+    base_calls, x, _ = run(layer.base_layer)
+    wrapper_calls, _, _ = run(layer)
+    assert wrapper_calls == base_calls  # the adapter term adds no dequantisation, fwd or bwd
+    with torch.no_grad():
+        x = torch.randn(4, 64)
+        expected = layer.base_layer(x) + layer.scale * x[:, layer.sbora_idx] @ layer.sbora_B.T
+        assert torch.equal(layer(x), expected)
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("variant", ["fa", "fb"])
+def test_training_changes_only_the_adapter_with_gradient_checkpointing(checkpoint, variant):
+    model = quant.prepare_for_training(load(checkpoint, NF4_DQ_BF16, dtype=torch.bfloat16))
+    assert model.model.norm.weight.dtype == torch.float32  # 16-bit norms upcast
+    model = inject(model, variant)
+    model.train()
+    calls = {"n": 0}
+    probe = model.model.layers[0].self_attn.q_proj
+    probe.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("sbora_" in n for n in trainable_names)
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (4, 16))
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    assert calls["n"] == 2 * len(losses)  # checkpointed: each block runs again in backward
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".sbora_" in k for k in changed)
+    assert {k for k in changed if k.endswith(("sbora_A", "sbora_B"))} == changed
+
+
+# ---------------------------------------------------------------------------------- merging
+
+
+@pytest.mark.parametrize("variant", ["fa", "fb"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_dequantized_changes_only_the_region(checkpoint, variant, dtype):
+    model = inject(load(checkpoint, NF4_DQ_BF16, dtype=dtype), variant)
+    randomise_factors(model)
+    layers = sbora_layers(model)
+    base = {n: quant.dequantize_weight(m.base_layer) for n, m in layers.items()}
+    deltas = {n: dense_delta(m) for n, m in layers.items()}
+    masks = {n: region(m) for n, m in layers.items()}
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        unmerged = model(ids).logits
+    quant.merge_dequantized(model)  # dtype: the model's (activation) dtype
+    for name, layer in sbora_layers(model).items():
+        w = layer.base_layer.weight.detach()
+        assert type(layer.base_layer) is torch.nn.Linear and w.dtype == dtype
+        mask = masks[name]
+        assert torch.equal(w[~mask], base[name].to(dtype)[~mask])  # bit-identical outside
+        assert not torch.equal(w[mask], base[name].to(dtype)[mask])
+        expected = (base[name] + deltas[name])[mask]
+        tol = 0 if dtype == torch.float32 else 1e-2 * expected.abs().max().item()
+        assert (w[mask].float() - expected).abs().max().item() <= tol + 1e-6
+    with torch.no_grad():
+        merged = model(ids).logits
+    assert (merged.float() - unmerged.float()).abs().max() <= 5e-2 * unmerged.abs().max()
+
+
+def test_merge_dequantized_everywhere_gives_a_plain_model(checkpoint, tmp_path):
+    model = inject(load(checkpoint, NF4_FP32), "fa")
+    randomise_factors(model)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+    quant.merge_dequantized(model, dtype=torch.float32, everywhere=True)
+    plain = unload(model)
+    assert not quant.has_quantized_layers(plain)
+    assert not sbora_layers(plain)
+    plain.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert not quant.has_quantized_layers(reloaded)
+    with torch.no_grad():
+        got = reloaded(ids).logits
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("variant", ["fa", "fb"])
+def test_requantize_reports_weights_changed_outside_the_region(checkpoint, variant):
+    model = inject(load(checkpoint, NF4_DQ_BF16), variant)
+    randomise_factors(model)
+    layers = sbora_layers(model)
+    base = {n: quant.dequantize_weight(m.base_layer) for n, m in layers.items()}
+    masks = {n: region(m) for n, m in layers.items()}
+    report = quant.requantize(model)
+    assert not sbora_layers(model)
+    assert set(report.modules) == set(layers)
+    for name, stats in report.modules.items():
+        new = model.get_submodule(name)
+        assert quant.quant_kind(new) == "nf4"
+        mask = masks[name]
+        counted = int((quant.dequantize_weight(new) != base[name])[~mask].sum())
+        assert stats.changed_outside == counted
+        assert stats.outside_cells == int((~mask).sum())
+        assert stats.region_cells == int(mask.sum())
+    assert report.changed_outside > 0  # NF4 blocks move: the merge is no longer regional
+    assert 0 < report.fraction_changed_outside <= 1
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 5)))
+
+
+def test_int8_fb_merge_into_int8_is_refused(checkpoint):
+    model = inject(load(checkpoint, INT8), "fb")
+    randomise_factors(model)
+    with pytest.raises(QuantizationError, match="merge_dequantized"):
+        merge(model)
+    quant.merge_dequantized(model, dtype=torch.float32)  # the supported way
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.float32
+
+
+def test_bad_merge_requests_are_clear_errors(checkpoint):
+    model = load(checkpoint, NF4_FP32)
+    with pytest.raises(QuantizationError, match="no SBoRA layers"):
+        quant.merge_dequantized(model)
+    model = inject(model, "fa")
+    with pytest.raises(QuantizationError, match="float32, bfloat16 or float16"):
+        quant.merge_dequantized(model, dtype=torch.int8)
+    dense = inject(LlamaForCausalLM.from_pretrained(checkpoint), "fa")
+    with pytest.raises(QuantizationError, match="unquantised base"):
+        quant.requantize(dense)
+
+
+# ---------------------------------------------------------------------------------- adapters
+
+
+@pytest.mark.parametrize("variant", ["fa", "fb"])
+def test_qsbora_adapter_round_trips_and_applies_to_a_fresh_quantised_model(
+    checkpoint, tmp_path, variant
+):
+    model = inject(load(checkpoint, NF4_DQ_BF16), variant)
+    randomise_factors(model)
+    adapter = extract(model)
+    assert adapter.metadata["quantization"] == "bnb-nf4-dq"
+    assert adapter.metadata["compute_dtype"] == "bfloat16"
+    assert adapter.base_fingerprint == dir_fingerprint(checkpoint)
+    loaded = sbora.Adapter.load(adapter.save(tmp_path / "a"))
+    assert loaded.metadata == adapter.metadata
+    assert loaded.base_fingerprint == adapter.base_fingerprint
+    for name, module in adapter.modules.items():
+        assert torch.equal(loaded.delta(name), module.delta())
+    fresh = loaded.apply(load(checkpoint, NF4_DQ_BF16))
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    # the same adapter applies to the unquantised checkpoint (the base is the fp32 model)
+    dense = loaded.apply(LlamaForCausalLM.from_pretrained(checkpoint))
+    with torch.no_grad():
+        d, q = dense(ids).logits, model(ids).logits
+    assert (d - q).abs().max() <= 0.25 * d.abs().max()
+
+
+def test_quantization_metadata_labels():
+    assert quant.quantization_metadata(torch.nn.Sequential(torch.nn.Linear(4, 4))) == {}
+
+
+def test_packed_cpu_layout_dequantises_to_the_same_codes(checkpoint):
+    """Some CPUs repack 4-bit weights in place at the first eval forward (AVX512-BF16)."""
+    layer = load(checkpoint, NF4_DQ_BF16).model.layers[0].mlp.down_proj  # (64, 128)
+    plain = quant.dequantize_weight(layer)
+    packed = copy.deepcopy(layer)
+    state = copy.deepcopy(packed.weight.quant_state)
+    data, state = bnbf._convert_weight_packed_for_cpu(packed.weight.data.clone(), state)
+    packed.weight.data = data
+    packed.weight.quant_state = state
+    got = quant.dequantize_weight(packed)
+    assert got.shape == plain.shape
+    # same codes; only the block scales were rounded to bf16 (relative 2^-8)
+    assert torch.allclose(got, plain, rtol=2**-7, atol=0)
