@@ -234,11 +234,14 @@ def extract(model: nn.Module) -> Adapter:
     if not isinstance(config, SBoRAConfig):
         config = _config_from_layers(layers)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    from sbora_reg.sbora.quant import quantization_metadata  # QSBoRA: how the base was quantised
+
     return Adapter(
         config=config,
         modules=modules,
         base_fingerprint=model_fingerprint(model),
         base_model=str(name_or_path) if name_or_path else None,
+        metadata=quantization_metadata(model),
     )
 
 
