@@ -50,8 +50,12 @@ from sbora_reg.errors import (
     SboraRegError,
     ShapeMismatchError,
 )
+from sbora_reg.registry import models
 from sbora_reg.registry.overlap import Footprint, Region, compare_all
 from sbora_reg.registry.ranges import format_ranges
+from sbora_reg.registry.reading import detect_format
+from sbora_reg.registry.records import AdapterRecord
+from sbora_reg.registry.store import Registry
 from sbora_reg.sbora.adapter import Adapter, AdapterModule
 from sbora_reg.sbora.config import SBoRAConfig
 from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
@@ -490,4 +494,72 @@ def compose_members(
                 hashes[name] = file_sha256(path)
         result.files = hashes
     result.output_sha256 = tree_sha256(result.files)
+    return result
+
+
+# --- through the registry ----------------------------------------------------------------
+
+
+def load_members(registry: Registry, refs: Sequence[str]) -> list[tuple[AdapterRecord, Member]]:
+    """Resolve ``name[@version]`` refs and load each adapter from its stored blob."""
+    loaded: list[tuple[AdapterRecord, Member]] = []
+    for ref in refs:
+        record = registry.resolve(ref)
+        if any(r.id == record.id for r, _ in loaded):
+            raise SboraRegError(f"{record.ref} is named twice: list each member once")
+        blob = registry.blob_path(record.sha256)
+        fmt = detect_format(blob)
+        adapter = Adapter.load(blob) if fmt == "sbora" else Adapter.from_peft(blob)
+        # The registry checked the adapter against its base when it was added.
+        adapter.base_fingerprint = adapter.base_fingerprint or record.base_fingerprint
+        loaded.append((record, Member(record.name, record.version, record.sha256, adapter)))
+    return loaded
+
+
+def compose(
+    registry: Registry,
+    refs: Sequence[str],
+    base_dir: str | Path,
+    out_dir: str | Path,
+    fmt: str = "merged",
+    **options: Any,
+) -> ComposeResult:
+    """Compose registered adapters onto ``base_dir`` and record the composition.
+
+    ``refs`` are ``name`` (latest version) or ``name@version``; ``options`` are those of
+    ``compose_members`` (dtype, shard_size, allow_overlap, force, dry_run, command, progress).
+    The database is written once, after the output is in place, in one short transaction.
+    """
+    loaded = load_members(registry, refs)
+    for record, _ in loaded:
+        if record.base_fingerprint != loaded[0][0].base_fingerprint:
+            raise FingerprintMismatchError(
+                f"{loaded[0][0].ref} and {record.ref} are registered on different base models: "
+                "compose members of one base only"
+            )
+    options.setdefault("base_model", loaded[0][0].base)
+    options.setdefault("command", default_command())
+    result = compose_members([m for _, m in loaded], base_dir, out_dir, fmt, **options)
+    if result.dry_run:
+        return result
+    base = registry.get_base(loaded[0][0].base_fingerprint)
+    with registry.write() as session:
+        row = models.Composition(
+            base_id=base.id,
+            output_sha256=result.output_sha256,
+            output_path=result.out,
+            format=fmt,
+            tool_version=__version__,
+            allow_overlap=result.allow_overlap,
+            command=options["command"],
+        )
+        row.members = [
+            models.CompositionMember(
+                position=i, adapter_id=r.id, adapter_ref=r.ref, adapter_sha256=r.sha256
+            )
+            for i, (r, _) in enumerate(loaded)
+        ]
+        session.add(row)
+        session.flush()
+        result.composition_id = row.id
     return result
