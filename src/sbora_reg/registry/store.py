@@ -146,7 +146,8 @@ class Registry:
     ) -> BaseRecord:
         """Register a base model from a local transformers directory (config.json only).
 
-        Registering the same directory again returns the existing record.
+        Registering the same directory again returns the existing record (its config is not
+        read again: register a changed model from another path).
         """
         from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
 
@@ -160,6 +161,10 @@ class Registry:
                     "config.json: download the model (config.json is enough) and pass its path"
                 ) from None
         name = str(Path(text).expanduser().resolve())
+        with self.read() as session:
+            known = session.scalar(select(m.BaseModel.id).where(m.BaseModel.name == name))
+        if known is not None:
+            return self._base_by_id(known)
         table = dir_module_table(name)  # file I/O before the write transaction
         fingerprint = fingerprint_table(table)
         with self.write() as session:
