@@ -138,7 +138,7 @@ def test_given_indices_are_sorted_and_used(make_llama) -> None:
     names = [n for n in module_table(model) if n.endswith("q_proj")]
     given = {n: [9, 2, 31, 5] for n in names}
     sbora.inject(model, cfg("fa", t=["q_proj"]), indices=given)
-    for name, layer in sbora.sbora_layers(model):
+    for _, layer in sbora.sbora_layers(model):
         assert layer.sbora_idx.tolist() == [2, 5, 9, 31]
 
 
