@@ -1,1 +1,165 @@
-"""CLI verbs: overlap (being built)."""
+"""CLI verbs: overlap (which weights registered adapters share) and allocate (disjoint regions)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sbora_reg.cli import main
+from sbora_reg.cli.adapters import echo_json, open_registry
+from sbora_reg.registry.allocate import Allocation, allocate
+from sbora_reg.registry.overlap import PairOverlap, overlap_against_all, overlap_refs
+
+OVERLAP_EXIT = 3
+
+
+def _pairs_table(pairs: Sequence[PairOverlap], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("A", "B", "shared cells", "module", "cells"):
+        table.add_column(col, justify="right" if "cells" in col else "left")
+    for p in pairs:
+        if not p.comparable:
+            table.add_row(p.a, p.b, "-", f"[yellow]not compared: {p.reason}[/]", "")
+            continue
+        total = f"[red]{p.total:,}[/]" if p.overlaps else "0"
+        rows = [(module, f"{cells:,}") for module, cells in p.modules.items()]
+        for k, (module, cells_text) in enumerate(rows or [("(disjoint)", "")]):
+            first = k == 0
+            table.add_row(
+                p.a if first else "",
+                p.b if first else "",
+                total if first else "",
+                module,
+                cells_text,
+            )
+    return table
+
+
+@main.command()
+@click.argument("refs", nargs=-1)
+@click.option(
+    "--against-all",
+    "against",
+    metavar="NAME",
+    help="Compare NAME with every other adapter on its base.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help=f"Exit with status {OVERLAP_EXIT} when any two adapters share a weight.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def overlap(
+    ctx: click.Context, refs: tuple[str, ...], against: str | None, check: bool, as_json: bool
+) -> None:
+    """Shared weights of every pair of REFS (NAME or NAME@VERSION), per module and in total.
+
+    FA/FA share out*|C1&C2| cells, FB/FB |R1&R2|*in, FA/FB always |R|*|C|, anything/LoRA all of
+    the other's cells. Adapters on different base models are never compared. With --check the
+    exit status is 3 when any overlap exists (0 when none): for scripts and CI.
+    """
+    if bool(against) == bool(refs) or (refs and len(refs) < 2):
+        raise click.UsageError("pass two or more adapters, or --against-all NAME")
+    with open_registry(ctx) as registry:
+        if against:
+            report = overlap_against_all(registry, against)
+            pairs, data = report.overlaps, report.to_json()
+            title = f"{report.query} vs {report.compared} adapters: {len(pairs)} overlapping"
+        else:
+            pairs = overlap_refs(registry, refs)
+            data = {"pairs": [p.to_json() for p in pairs]}
+            title = "Shared weights"
+    found = any(p.overlaps for p in pairs)
+    if as_json:
+        echo_json({**data, "overlap": found})
+    else:
+        Console().print(_pairs_table(pairs, title))
+    if check and found:
+        sys.exit(OVERLAP_EXIT)
+
+
+def _targets(_ctx: click.Context, _param: click.Parameter, value: str) -> list[str]:
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise click.BadParameter("give module names such as q_proj,v_proj")
+    return names
+
+
+def _render_allocation(alloc: Allocation) -> None:
+    table = Table(title=f"Reservation {alloc.reservation_id}: {alloc.variant} r={alloc.rank}")
+    table.add_column("module")
+    table.add_column("columns" if alloc.variant == "fa" else "rows")
+    for name, ranges in alloc.to_json()["modules"].items():
+        table.add_row(name, ranges)
+    Console().print(table)
+    if alloc.path:
+        click.echo(f"indices file: {alloc.path}")
+
+
+@main.command("allocate")
+@click.option("--base", required=True, help="Registered base: name, path or fingerprint.")
+@click.option(
+    "--variant",
+    type=click.Choice(["fa", "fb"]),
+    required=True,
+    help="fa reserves input columns, fb output rows.",
+)
+@click.option("--rank", type=click.IntRange(min=1), required=True, help="Indices per module.")
+@click.option(
+    "--targets",
+    required=True,
+    callback=_targets,
+    help="Comma-separated module names, matched as SBoRAConfig.target_modules.",
+)
+@click.option("--task", help="Task the reservation is for.")
+@click.option("--seed", type=int, help="Seed of the random draw among the free indices.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the indices file here (for sbora.inject / sbora-reg train).",
+)
+@click.option(
+    "--allow-cross-variant",
+    is_flag=True,
+    help="Reserve even where other-variant or LoRA adapters already sit (they will "
+    "overlap the new task; only same-variant disjointness is guaranteed).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the reservation as JSON.")
+@click.pass_context
+def allocate_cmd(
+    ctx: click.Context,
+    base: str,
+    variant: str,
+    rank: int,
+    targets: list[str],
+    task: str | None,
+    seed: int | None,
+    out: Path | None,
+    allow_cross_variant: bool,
+    as_json: bool,
+) -> None:
+    """Reserve RANK indices per target module, disjoint from every adapter and reservation."""
+    with open_registry(ctx) as registry:
+        alloc = allocate(
+            registry,
+            base,
+            variant=variant,
+            rank=rank,
+            targets=targets,
+            task=task,
+            seed=seed,
+            out=out,
+            allow_cross_variant=allow_cross_variant,
+        )
+    for warning in alloc.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        echo_json(alloc.to_json())
+    else:
+        _render_allocation(alloc)

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from sbora_reg.errors import FingerprintMismatchError, OverlapError, ShapeMismatchError
+
+if TYPE_CHECKING:
+    from sbora_reg.registry.store import Registry
 
 FA, FB, LORA = 0, 1, 2
 VARIANT_CODES = {"fa": FA, "fb": FB, "lora": LORA}
@@ -77,6 +80,16 @@ class PairOverlap:
     @property
     def overlaps(self) -> bool:
         return self.total > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "comparable": self.comparable,
+            "reason": self.reason or None,
+            "shared_cells": self.total,
+            "modules": dict(self.modules),
+        }
 
 
 def _code(region: RegionLike) -> int:
@@ -445,3 +458,49 @@ def all_pairs(table: RegionTable) -> np.ndarray:
     total = _same_axis_pairs(table) + cross + cross.T + lora
     np.fill_diagonal(total, 0)
     return np.rint(total).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- registry queries
+
+
+@dataclass(frozen=True)
+class AgainstAll:
+    """One adapter against every other adapter on its base: only the overlapping pairs listed."""
+
+    query: str
+    compared: int
+    overlaps: list[PairOverlap]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "compared": self.compared,
+            "overlapping": len(self.overlaps),
+            "pairs": [p.to_json() for p in self.overlaps],
+        }
+
+
+def footprint(registry: Registry, ref: str) -> Footprint:
+    """The registered adapter ``name[@version]`` as a footprint."""
+    record = registry.resolve(ref)
+    return Footprint(record.ref, record.base_fingerprint, registry.regions(record))
+
+
+def overlap_refs(registry: Registry, refs: Sequence[str]) -> list[PairOverlap]:
+    """Every pair among registered adapters, per module (``sbora-reg overlap A B ...``)."""
+    return compare_all([footprint(registry, ref) for ref in refs])
+
+
+def overlap_against_all(registry: Registry, ref: str) -> AgainstAll:
+    """``ref`` against every other adapter on its base, vectorised; details for the overlaps."""
+    query = footprint(registry, ref)
+    # Every base record with this fingerprint (one architecture registered from two paths).
+    everyone: dict[str, Mapping[str, RegionLike]] = {}
+    for base in registry.bases():
+        if base.fingerprint == query.base:
+            everyone.update(registry.regions_on_base(base))
+    others = [Footprint(r, query.base, regs) for r, regs in everyone.items() if r != query.name]
+    many = one_vs_many(query, RegionTable.from_footprints(others))
+    by_name = {fp.name: fp for fp in others}
+    pairs = [compare(query, by_name[name]) for name, _ in many.overlapping()]
+    return AgainstAll(query.name, len(others), pairs)
