@@ -3,8 +3,10 @@
 A checkpoint directory holds either one ``model.safetensors`` or several shards listed by
 ``model.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {name: file}}``).
 Reading never loads more than one tensor: headers are parsed up front (so a missing or truncated
-shard is found before anything is written) and tensors are fetched one at a time with
-``safetensors.safe_open``; a tensor that passes through unchanged is copied as raw bytes.
+shard is found before anything is written), a tensor to change is read into one fresh buffer, and
+a tensor that passes through unchanged is copied as raw bytes by the kernel, never loaded. (Reads
+go by the parsed offsets rather than ``safetensors.safe_open``, whose memory map would keep every
+page it touched resident until the shard is closed, and whose tensors would need another copy.)
 
 Writing plans the shards from the tensors' output dtypes and shapes before any data exists, so each
 shard's header is written first and its tensors are then streamed into it one at a time: the
@@ -18,18 +20,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
 import shutil
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from sbora_reg.errors import AdapterFormatError, SboraRegError
 
@@ -166,26 +169,22 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, tensors, [path / n for n in names], metadata)
 
 
-class TensorReader:
-    """Fetches tensors of a checkpoint one at a time, keeping one shard open."""
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """One tensor, read straight into a fresh writable buffer (one copy, no mmap kept open).
 
-    def __init__(self) -> None:
-        self._file: Path | None = None
-        self._handle: contextlib.ExitStack | None = None
-        self._safe: object = None
-
-    def get(self, entry: TensorEntry) -> torch.Tensor:
-        if self._file != entry.file:
-            self.close()
-            self._handle = contextlib.ExitStack()
-            self._safe = self._handle.enter_context(safe_open(entry.file, framework="pt"))
-            self._file = entry.file
-        return self._safe.get_tensor(entry.name)  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        self._handle, self._safe, self._file = None, None, None
+    ``open_checkpoint`` already parsed and size-checked the header, so the bytes at
+    ``entry.start:entry.end`` are the tensor in little-endian order, as safetensors stores it.
+    """
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        if f.readinto(memoryview(buf.numpy())) != entry.nbytes:  # type: ignore[arg-type]
+            raise AdapterFormatError(f"{entry.file} ended early while reading {entry.name}")
+    try:
+        dtype = DTYPES[entry.dtype]
+    except KeyError:
+        raise AdapterFormatError(f"{entry.name} has unsupported dtype {entry.dtype}") from None
+    return buf.view(dtype).reshape(entry.shape)
 
 
 @dataclass(frozen=True)
@@ -224,10 +223,51 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+class _Hasher:
+    """sha256 fed on one worker thread, so hashing overlaps the copy (hashlib drops the GIL)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sbora-sha256")
+        self._job: Future[None] | None = None
+
+    def feed(self, job: Callable[[Any], None]) -> None:
+        """Run ``job(sha)`` after the previous one (at most one in flight bounds memory)."""
+        self.wait()
+        self._job = self._pool.submit(job, self._sha)
+
+    def wait(self) -> None:
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        self._pool.shutdown()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+def _hash_range(path: Path, start: int, end: int) -> Callable[[Any], None]:
+    def job(sha: Any) -> None:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)  # slices of it are not copies
+            try:
+                for pos in range(start, end, _COPY_CHUNK):
+                    sha.update(view[pos : min(end, pos + _COPY_CHUNK)])
+            finally:
+                view.release()
+
+    return job
+
+
 class ShardWriter:
     """Writes one safetensors file whose header is known in advance, tensor by tensor.
 
-    Bytes are hashed as they are written, so the output's sha256 costs no second read.
+    Bytes are hashed as they are written, so the output's sha256 costs no second read; tensors
+    that pass through unchanged are copied by the kernel (``os.copy_file_range``) where it can.
     """
 
     def __init__(self, path: Path, specs: Sequence[OutSpec], metadata: dict[str, str]):
@@ -244,13 +284,14 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)
         self.path = path
         self._pending = list(specs)
-        self._sha = hashlib.sha256()
-        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._hasher = _Hasher()
+        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._write(struct.pack("<Q", len(raw)) + raw)
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: Any) -> None:
+        """Write a bytes-like object; it must stay unchanged until hashed (the next write)."""
         self._f.write(data)
-        self._sha.update(data)
+        self._hasher.feed(lambda sha: sha.update(data))
 
     def _next(self, name: str, nbytes: int) -> None:
         """Check the next planned tensor is ``name`` of ``nbytes`` bytes, then mark it written."""
@@ -275,26 +316,42 @@ class ShardWriter:
     def copy_raw(self, name: str, entry: TensorEntry) -> None:
         """Write the next planned tensor by copying its bytes from a base shard unchanged."""
         self._next(name, entry.nbytes)
+        self._hasher.feed(_hash_range(entry.file, entry.start, entry.end))
+        self._f.flush()
         with open(entry.file, "rb") as src:
-            src.seek(entry.start)
-            left = entry.nbytes
-            while left:
-                chunk = src.read(min(left, _COPY_CHUNK))
-                if not chunk:
-                    raise AdapterFormatError(f"{entry.file} ended early while reading {name}")
-                self._write(chunk)
-                left -= len(chunk)
+            done = 0
+            try:
+                while done < entry.nbytes:
+                    n = os.copy_file_range(
+                        src.fileno(), self._f.fileno(), entry.nbytes - done, entry.start + done
+                    )
+                    if n == 0:
+                        raise AdapterFormatError(f"{entry.file} ended early while reading {name}")
+                    done += n
+            except OSError:  # no kernel copy here (old kernel, other file systems): plain reads
+                src.seek(entry.start + done)
+                self._f.seek(0, os.SEEK_END)
+                while done < entry.nbytes:
+                    chunk = src.read(min(entry.nbytes - done, _COPY_CHUNK))
+                    if not chunk:
+                        raise AdapterFormatError(
+                            f"{entry.file} ended early while reading {name}"
+                        ) from None
+                    self._f.write(chunk)
+                    done += len(chunk)
+        self._f.seek(0, os.SEEK_END)
 
     def close(self) -> str:
-        """Flush and close; returns the file's sha256."""
+        """Flush, fsync and close; returns the file's sha256."""
         if self._pending:
             raise SboraRegError(f"internal: {self.path.name} is missing {self._pending[0].name}")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        return self._sha.hexdigest()
+        return self._hasher.hexdigest()
 
     def abort(self) -> None:
+        self._hasher.abort()
         self._f.close()
 
 

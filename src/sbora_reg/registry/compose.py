@@ -33,7 +33,6 @@ from sbora_reg.checkpoint import (
     Checkpoint,
     OutSpec,
     ShardWriter,
-    TensorReader,
     atomic_dir,
     check_free_space,
     check_out_dir,
@@ -41,6 +40,7 @@ from sbora_reg.checkpoint import (
     open_checkpoint,
     parse_size,
     plan_shards,
+    read_tensor,
     shard_names,
     tree_sha256,
 )
@@ -135,7 +135,7 @@ def merge_tensor(
         for m in modules:
             part = _factor(m.b) if m.variant == "fa" else _factor(m.a)
             region.index_add_(dim, torch.searchsorted(union, _idx(m)), m.scale * part)
-        merged = w.to(dtype, copy=True)
+        merged = w.to(dtype)  # ``weight`` is a fresh buffer: same dtype, changed in place
         merged.index_copy_(dim, union, region.to(dtype))
     else:  # LoRA or FA and FB on one module: every cell may change
         full = w.float()
@@ -187,29 +187,26 @@ def write_merged_weights(
     plan = plan_shards(specs, shard_size)
     names = shard_names(len(plan))
     entries = {t.name: t for t in ckpt.tensors}
-    reader, hashes, done = TensorReader(), {}, 0
-    try:
-        for file, shard in zip(names, plan, strict=True):
-            writer = ShardWriter(out / file, shard, {"format": "pt"})
-            try:
-                for spec in shard:
-                    entry, target = entries[spec.name], DTYPES[spec.dtype]
-                    if spec.name in touched:
-                        merged = merge_tensor(reader.get(entry), touched[spec.name], target)
-                        writer.write_tensor(spec.name, merged)
-                    elif spec.dtype == entry.dtype:
-                        writer.copy_raw(spec.name, entry)
-                    else:
-                        writer.write_tensor(spec.name, reader.get(entry).to(target))
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(specs), spec.name)
-            except BaseException:
-                writer.abort()
-                raise
-            hashes[file] = writer.close()
-    finally:
-        reader.close()
+    hashes, done = {}, 0
+    for file, shard in zip(names, plan, strict=True):
+        writer = ShardWriter(out / file, shard, {"format": "pt"})
+        try:
+            for spec in shard:
+                entry, target = entries[spec.name], DTYPES[spec.dtype]
+                if spec.name in touched:
+                    merged = merge_tensor(read_tensor(entry), touched[spec.name], target)
+                    writer.write_tensor(spec.name, merged)
+                elif spec.dtype == entry.dtype:
+                    writer.copy_raw(spec.name, entry)
+                else:
+                    writer.write_tensor(spec.name, read_tensor(entry).to(target))
+                done += 1
+                if progress is not None:
+                    progress(done, len(specs), spec.name)
+        except BaseException:
+            writer.abort()
+            raise
+        hashes[file] = writer.close()
     if len(plan) > 1:
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs)},
