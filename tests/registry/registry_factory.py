@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig
 
 from sbora_reg.sbora import Adapter, AdapterModule, SBoRAConfig
-from sbora_reg.sbora.fingerprint import dir_fingerprint, dir_module_table
+from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
 
@@ -27,6 +28,11 @@ def make_base(directory: Path, hidden: int = 64, layers: int = 2) -> Path:
     return directory
 
 
+@lru_cache(maxsize=8)
+def _table(base: str) -> dict:
+    return dir_module_table(base)
+
+
 def make_adapter(
     directory: Path,
     base: Path,
@@ -38,7 +44,7 @@ def make_adapter(
 ) -> Adapter:
     """Save a native adapter for ``base`` with seeded random indices and factors."""
     gen = torch.Generator().manual_seed(seed)
-    table = dir_module_table(base)
+    table = _table(str(base))
     modules: dict[str, AdapterModule] = {}
     for name, (kind, (out, inp)) in sorted(table.items()):
         if kind == "embedding" or not name.endswith(targets):
@@ -60,7 +66,7 @@ def make_adapter(
             target_modules=targets,
         ),
         modules=modules,
-        base_fingerprint=dir_fingerprint(base) if with_fingerprint else None,
+        base_fingerprint=fingerprint_table(table) if with_fingerprint else None,
         base_model=str(base),
         metadata={"seed": str(seed)},
     )

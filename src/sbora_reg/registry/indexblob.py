@@ -16,15 +16,15 @@ _U32 = np.dtype("<u4")
 
 def encode(indices: np.ndarray) -> bytes:
     """Sorted, distinct, non-negative indices (any int dtype) -> bytes."""
-    arr = np.asarray(indices)
+    arr = np.asarray(indices, dtype=np.int64)
     if arr.ndim != 1:
         raise InvalidIndicesError(f"indices must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
         return b""
-    arr = np.sort(arr.astype(np.int64))
+    arr = np.sort(arr)
     if arr[0] < 0 or arr[-1] >= 2**32:
         raise InvalidIndicesError(f"indices out of range [0, 2^32): {arr[0]}..{arr[-1]}")
-    if np.any(arr[1:] == arr[:-1]):
+    if (arr[1:] == arr[:-1]).any():
         raise InvalidIndicesError("indices contain duplicates")
     dtype = _U16 if arr[-1] < 2**16 else _U32
     return arr.astype(dtype).tobytes()

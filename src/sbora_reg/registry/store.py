@@ -10,17 +10,19 @@ never interleave). Everything returned is a plain dataclass from ``records``.
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Text, delete, insert, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from sbora_reg import migrations
@@ -54,7 +56,15 @@ from sbora_reg.registry.records import (
 
 log = logging.getLogger(__name__)
 
-_ADAPTER_COLS = (m.Adapter.__table__, m.BaseModel.name.label("base_name"), m.BaseModel.fingerprint)
+_A = m.Adapter.__table__.c
+# JSON and timestamps come back raw (type_coerce) and are parsed by _json/_timestamp.
+_ADAPTER_COLS = (
+    *(c for c in _A if c.name not in ("target_modules", "metadata", "provenance", "created")),
+    *(type_coerce(_A[n], Text).label(n) for n in ("target_modules", "metadata", "provenance")),
+    type_coerce(_A.created, Text).label("created"),
+    m.BaseModel.name.label("base_name"),
+    m.BaseModel.fingerprint,
+)
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -67,6 +77,28 @@ class _BlobVanished(Exception):
 
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _json(value: Any) -> Any:
+    """A JSON column read raw: text on SQLite, already decoded by psycopg on PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _timestamp(value: Any) -> datetime:
+    return _utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """Regions as flat arrays: segment i covers ``flat[starts[i]:starts[i] + counts[i]]``."""
+
+    adapter_ids: np.ndarray  # (S,) int64
+    module_names: builtins.list[str]  # (S,)
+    variants: builtins.list[str]  # (S,)
+    counts: np.ndarray  # (S,) int64 (0 for lora)
+    starts: np.ndarray  # (S,) int64
+    flat: np.ndarray  # (sum(counts),) int64
+    shapes: dict[str, tuple[int, int]]
 
 
 def _is_local_model(name: str) -> bool:
@@ -370,6 +402,9 @@ class Registry:
         provenance: dict[str, Any],
         regions: list[dict[str, Any]],
     ) -> int:
+        summary_indices = {
+            base.modules[name].id: mod.indices for name, mod in summary.modules.items()
+        }
         if session.get(m.Blob, sha256) is None:
             session.add(m.Blob(sha256=sha256, size=size))
         last = session.scalar(select(m.AdapterName.last_version).where(m.AdapterName.name == name))
@@ -398,12 +433,24 @@ class Registry:
         )
         session.add(row)
         session.flush()
+        from sbora_reg.registry.allocate import consume_matching_reservation
+
+        conn = session.connection()  # Core executemany: no ORM bookkeeping per region
         if tags:
-            session.execute(
-                insert(m.Tag),
+            conn.execute(
+                insert(m.Base.metadata.tables["tags"]),
                 [{"adapter_id": row.id, "key": k, "value": v} for k, v in tags.items()],
             )
-        session.execute(insert(m.Region), [{**r, "adapter_id": row.id} for r in regions])
+        conn.execute(
+            insert(m.Base.metadata.tables["regions"]),
+            [{**r, "adapter_id": row.id} for r in regions],
+        )
+        consume_matching_reservation(
+            session,
+            base.id,
+            row.id,
+            [(r["module_id"], r["variant"], summary_indices[r["module_id"]]) for r in regions],
+        )
         return row.id
 
     # Reading -------------------------------------------------------------------------------
@@ -475,43 +522,108 @@ class Registry:
     ) -> dict[str, dict[str, Region]]:
         """Every region of every adapter on ``base`` in two queries: ref -> module -> Region."""
         base_rec = base if isinstance(base, BaseRecord) else self.get_base(base)
-        with self.read() as session:
-            refs = dict(
-                session.execute(
-                    select(
-                        m.Adapter.id, m.Adapter.name + "@" + func.cast(m.Adapter.version, m.String)
-                    ).where(m.Adapter.base_id == base_rec.id)
-                )
-                .tuples()
-                .all()
-            )
+        refs = self._refs_on_base(base_rec)
         cond = m.Adapter.base_id == base_rec.id
         if modules is not None:
-            cond = cond & m.BaseModule.name.in_(list(modules))
+            wanted = [base_rec.modules[n].id for n in modules if n in base_rec.modules]
+            cond = cond & m.Region.module_id.in_(wanted)
         by_id = self._region_rows(cond, join_adapters=True)
         return {refs[i]: regs for i, regs in by_id.items()}
 
     def _region_rows(self, cond: Any, join_adapters: bool = False) -> dict[int, dict[str, Region]]:
-        query: Any = select(
-            m.Region.adapter_id,
-            m.BaseModule.name,
-            m.BaseModule.out_features,
-            m.BaseModule.in_features,
-            m.Region.variant,
-            m.Region.count,
-            m.Region.indices,
-        ).join(m.BaseModule, m.BaseModule.id == m.Region.module_id)
-        if join_adapters:
-            query = query.join(m.Adapter, m.Adapter.id == m.Region.adapter_id)
+        packed = self._packed_regions(cond, join_adapters)
         out: dict[int, dict[str, Region]] = {}
-        with self.read() as session:
-            rows = session.execute(query.where(cond)).tuples().all()
-        for adapter_id, mod, out_f, in_f, variant, count, blob in rows:
-            idx = (
-                np.arange(count, dtype=np.int64) if blob is None else indexblob.decode(blob, count)
-            )
-            out.setdefault(adapter_id, {})[mod] = Region(variant, (out_f, in_f), idx)
+        ends = packed.starts + packed.counts
+        for i, (aid, mod, variant) in enumerate(
+            zip(packed.adapter_ids.tolist(), packed.module_names, packed.variants, strict=True)
+        ):
+            shape = packed.shapes[mod]
+            idx = packed.flat[packed.starts[i] : ends[i]]
+            out.setdefault(aid, {})[mod] = Region(variant, shape, idx)
         return out
+
+    def _packed_regions(self, cond: Any, join_adapters: bool) -> _Packed:
+        """Regions matching ``cond`` as flat arrays, decoded in a few vectorised steps."""
+        r, bm = m.Region.__table__.c, m.BaseModule.__table__.c
+        query: Any = select(r.adapter_id, r.module_id, r.variant, r.count, r.indices).order_by(
+            r.adapter_id, r.module_id
+        )
+        if join_adapters:
+            query = query.join(m.Adapter.__table__, m.Adapter.__table__.c.id == r.adapter_id)
+        with self.db.translate_errors(), self.db.engine.connect() as conn:
+            rows = conn.execute(query.where(cond)).all()
+            module_ids = sorted({row[1] for row in rows})
+            mods = (
+                conn.execute(
+                    select(bm.id, bm.name, bm.out_features, bm.in_features).where(
+                        bm.id.in_(module_ids)
+                    )
+                ).all()
+                if module_ids
+                else []
+            )
+        names = {mid: name for mid, name, _o, _i in mods}
+        shapes = {name: (o, i) for _mid, name, o, i in mods}
+        if not rows:
+            empty = np.zeros(0, dtype=np.int64)
+            return _Packed(empty, [], [], empty, empty, empty, shapes)
+        adapter_ids, mod_ids, variants, counts_t, blobs_t = zip(*rows, strict=True)
+        counts = np.array(counts_t, dtype=np.int64)
+        counts[np.array([b is None for b in blobs_t])] = 0  # lora: every cell, no indices
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        flat = np.empty(int(counts.sum()), dtype=np.int64)
+        lengths = np.array([len(b) if b is not None else 0 for b in blobs_t], dtype=np.int64)
+        for width, dtype in ((2, "<u2"), (4, "<u4")):
+            sel = np.flatnonzero((counts > 0) & (lengths == width * counts))
+            if sel.size == 0:
+                continue
+            values = np.frombuffer(b"".join(blobs_t[i] for i in sel), dtype=dtype)
+            group_counts = counts[sel]
+            group_starts = np.cumsum(group_counts) - group_counts
+            where = np.arange(values.size) + np.repeat(starts[sel] - group_starts, group_counts)
+            flat[where] = values
+        bad = (counts > 0) & (lengths != 2 * counts) & (lengths != 4 * counts)
+        if bad.any():
+            raise RegistryError(f"corrupt index data in the registry {self.location}")
+        return _Packed(
+            np.array(adapter_ids, dtype=np.int64),
+            [names[i] for i in mod_ids],
+            list(variants),
+            counts,
+            starts,
+            flat,
+            shapes,
+        )
+
+    def region_table(self, base: str | BaseRecord) -> Any:
+        """All regions on ``base`` packed as an ``overlap.RegionTable`` (names are refs)."""
+        from sbora_reg.registry.overlap import VARIANT_CODES, RegionTable
+
+        base_rec = base if isinstance(base, BaseRecord) else self.get_base(base)
+        refs = self._refs_on_base(base_rec)
+        packed = self._packed_regions(m.Adapter.base_id == base_rec.id, join_adapters=True)
+        modules = sorted(packed.shapes)
+        module_pos = {name: i for i, name in enumerate(modules)}
+        adapter_pos = {aid: i for i, aid in enumerate(refs)}
+        return RegionTable.from_arrays(
+            base=base_rec.fingerprint,
+            names=list(refs.values()),
+            modules=modules,
+            out=np.array([packed.shapes[n][0] for n in modules], dtype=np.int64),
+            inn=np.array([packed.shapes[n][1] for n in modules], dtype=np.int64),
+            seg_adapter=np.array([adapter_pos[a] for a in packed.adapter_ids.tolist()]),
+            seg_module=np.array([module_pos[n] for n in packed.module_names], dtype=np.int64),
+            seg_variant=np.array([VARIANT_CODES[v] for v in packed.variants], dtype=np.int8),
+            indices=(packed.flat, packed.counts),
+        )
+
+    def _refs_on_base(self, base: BaseRecord) -> dict[int, str]:
+        a = m.Adapter.__table__.c
+        with self.db.translate_errors(), self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(a.id, a.name, a.version).where(a.base_id == base.id).order_by(a.id)
+            ).all()
+        return {aid: f"{name}@{version}" for aid, name, version in rows}
 
     def blob_path(self, sha256: str) -> Path:
         """The directory holding an adapter's stored files."""
@@ -521,39 +633,36 @@ class Registry:
         return path
 
     def _records(self, query: Any) -> builtins.list[AdapterRecord]:
-        with self.read() as session:
-            rows = (
-                session.execute(query.join(m.BaseModel, m.BaseModel.id == m.Adapter.base_id))
-                .mappings()
-                .all()
-            )
-            ids = [r["id"] for r in rows]
+        # Core rows, JSON and timestamps parsed here: several times faster than ORM loading.
+        with self.db.translate_errors(), self.db.engine.connect() as conn:
+            rows = conn.execute(query.join(m.BaseModel, m.BaseModel.id == m.Adapter.base_id)).all()
+            ids = [r.id for r in rows]
             tags: dict[int, dict[str, str]] = {}
             if ids:
                 tag_query = select(m.Tag.adapter_id, m.Tag.key, m.Tag.value)
                 if len(ids) < 500:
                     tag_query = tag_query.where(m.Tag.adapter_id.in_(ids))
-                for aid, key, value in session.execute(tag_query).tuples():
+                for aid, key, value in conn.execute(tag_query):
                     tags.setdefault(aid, {})[key] = value
         return [
             AdapterRecord(
-                id=r["id"],
-                name=r["name"],
-                version=r["version"],
-                base=r["base_name"],
-                base_fingerprint=r["fingerprint"],
-                task=r["task"],
-                format=r["format"],
-                variant=r["variant"],
-                rank=r["rank"],
-                alpha=r["alpha"],
-                target_modules=list(r["target_modules"]),
-                sha256=r["sha256"],
-                size=r["size"],
-                created=_utc(r["created"]),
-                metadata=dict(r["metadata"]),
-                provenance=dict(r["provenance"]),
-                tags=tags.get(r["id"], {}),
+                id=r.id,
+                name=r.name,
+                version=r.version,
+                base=r.base_name,
+                base_fingerprint=r.fingerprint,
+                task=r.task,
+                format=r.format,
+                variant=r.variant,
+                rank=r.rank,
+                alpha=r.alpha,
+                target_modules=_json(r.target_modules),
+                sha256=r.sha256,
+                size=r.size,
+                created=_timestamp(r.created),
+                metadata=_json(r.metadata),
+                provenance=_json(r.provenance),
+                tags=tags.get(r.id, {}),
             )
             for r in rows
         ]

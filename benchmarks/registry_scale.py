@@ -1,0 +1,142 @@
+"""Registry at scale: N synthetic adapters on one 32-layer x 7-module base (dims 4096/11008, r=32).
+
+Records go through the same store code path as ``sbora-reg add`` (``Registry.register``: regions
+encoded, one write transaction per adapter) but skip staging and hashing adapter files, as the
+issue allows. Prints time per add, ``list`` and ``show``, the bulk region load the overlap check
+uses, and the database size relative to the raw int32 index data, each as a ratio to its goal
+and ``list`` also against a plain sqlite3 fetch of the same rows measured in this process.
+
+    .venv/bin/python benchmarks/registry_scale.py            # 10,000 adapters
+    .venv/bin/python benchmarks/registry_scale.py --n 1000   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from transformers import LlamaConfig
+
+from sbora_reg.registry import Registry
+from sbora_reg.registry.reading import AdapterSummary, ModuleSummary
+
+LAYERS, HIDDEN, INTER, RANK = 32, 4096, 11008, 32
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GOALS_MS = {"add": 50.0, "list": 300.0}
+GOAL_DB_RATIO = 1.5
+
+
+def make_base(directory: Path) -> Path:
+    LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ).save_pretrained(directory)
+    return directory
+
+
+def synthetic(shapes: dict[str, tuple[int, int]], rng: np.random.Generator) -> AdapterSummary:
+    modules = {}
+    for name, (out, inp) in shapes.items():
+        idx = np.sort(rng.choice(inp, size=RANK, replace=False)).astype(np.int64)
+        modules[name] = ModuleSummary("fa", "linear", (out, inp), idx)
+    return AdapterSummary("sbora", "fa", RANK, 2.0 * RANK, list(TARGETS), None, None, {}, modules)
+
+
+def timed(fn, repeat: int = 5) -> float:
+    """Median wall time of ``fn`` in ms."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="number of adapters (10,000)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the registry here")
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="sbora-reg-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    db_path = work / "registry.db"
+    reg = Registry.open(db_path)
+    base = reg.add_base(str(make_base(work / "base")))
+    shapes = {
+        n: m.shape
+        for n, m in base.modules.items()
+        if m.kind == "linear" and n.rsplit(".", 1)[-1] in TARGETS
+    }
+    assert len(shapes) == LAYERS * len(TARGETS), len(shapes)
+    rng = np.random.default_rng(0)
+
+    add_ms = []
+    for i in range(args.n):
+        summary = synthetic(shapes, rng)
+        sha = hashlib.sha256(f"adapter-{i}".encode()).hexdigest()
+        reg.blobs.path(sha).mkdir(parents=True, exist_ok=True)  # stands in for staged files
+        start = time.perf_counter()
+        reg.register(
+            summary,
+            sha,
+            0,
+            name=f"task{i % 500}",
+            base=base,
+            task=f"t{i % 20}",
+            tags={"owner": f"team{i % 7}"},
+        )
+        add_ms.append((time.perf_counter() - start) * 1000)
+        if (i + 1) % 1000 == 0:
+            print(f"  {i + 1} added, median {statistics.median(add_ms[-1000:]):.1f} ms", flush=True)
+
+    list_ms = timed(reg.list)
+    list_task_ms = timed(lambda: reg.list(task="t3"))
+    show_ms = timed(lambda: reg.show("task7"))
+    bulk_ms = timed(lambda: reg.regions_on_base(base), repeat=1)
+
+    def raw_fetch() -> None:
+        con = sqlite3.connect(db_path)
+        con.execute("SELECT * FROM adapters JOIN bases ON bases.id = adapters.base_id").fetchall()
+        con.execute("SELECT * FROM tags").fetchall()
+        con.close()
+
+    raw_list_ms = timed(raw_fetch)
+    reg.close()
+    con = sqlite3.connect(db_path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    db_bytes = db_path.stat().st_size
+    raw_bytes = args.n * len(shapes) * RANK * 4
+
+    add_med, add_p95 = statistics.median(add_ms), float(np.percentile(add_ms, 95))
+    print(f"adapters: {args.n} x {len(shapes)} modules, r={RANK}; registry {db_path}")
+    print(
+        f"add   median {add_med:7.2f} ms  p95 {add_p95:7.2f} ms  "
+        f"goal {GOALS_MS['add']:.0f} ms  ratio {add_med / GOALS_MS['add']:.2f}"
+    )
+    print(
+        f"list  all    {list_ms:7.1f} ms  goal {GOALS_MS['list']:.0f} ms  ratio "
+        f"{list_ms / GOALS_MS['list']:.2f}; vs raw sqlite3 fetch {list_ms / raw_list_ms:.1f}x "
+        f"({raw_list_ms:.1f} ms)"
+    )
+    print(f"list  --task {list_task_ms:7.1f} ms")
+    print(f"show         {show_ms:7.1f} ms")
+    print(f"regions_on_base (all {args.n * len(shapes)} regions) {bulk_ms:7.1f} ms")
+    print(
+        f"db size {db_bytes / 2**20:.1f} MiB; raw int32 indices {raw_bytes / 2**20:.1f} MiB; "
+        f"ratio {db_bytes / raw_bytes:.2f} (goal <= {GOAL_DB_RATIO})"
+    )
+
+
+if __name__ == "__main__":
+    main()
