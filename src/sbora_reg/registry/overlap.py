@@ -139,6 +139,11 @@ def compare(a: Footprint, b: Footprint) -> PairOverlap:
     return PairOverlap(a.name, b.name, comparable=True, modules=modules)
 
 
+def pairwise(a: Mapping[str, RegionLike], b: Mapping[str, RegionLike]) -> PairOverlap:
+    """Per-module shared cells of two region maps known to be on one base."""
+    return compare(Footprint("a", "", a), Footprint("b", "", b))
+
+
 def compare_all(footprints: Sequence[Footprint]) -> list[PairOverlap]:
     """Every pair among a few adapters, in order (for thousands use ``RegionTable``)."""
     return [
