@@ -497,15 +497,17 @@ def overlap_refs(registry: Registry, refs: Sequence[str]) -> list[PairOverlap]:
 
 
 def overlap_against_all(registry: Registry, ref: str) -> AgainstAll:
-    """``ref`` against every other adapter on its base, vectorised; details for the overlaps."""
+    """``ref`` against every other adapter on its base, vectorised; details for the overlaps.
+
+    Every base record with the adapter's fingerprint counts (one architecture registered twice).
+    """
     query = footprint(registry, ref)
-    # Every base record with this fingerprint (one architecture registered from two paths).
-    everyone: dict[str, Mapping[str, RegionLike]] = {}
+    compared, pairs = 0, []
     for base in registry.bases():
-        if base.fingerprint == query.base:
-            everyone.update(registry.regions_on_base(base))
-    others = [Footprint(r, query.base, regs) for r, regs in everyone.items() if r != query.name]
-    many = one_vs_many(query, RegionTable.from_footprints(others))
-    by_name = {fp.name: fp for fp in others}
-    pairs = [compare(query, by_name[name]) for name, _ in many.overlapping()]
-    return AgainstAll(query.name, len(others), pairs)
+        if base.fingerprint != query.base:
+            continue
+        many = one_vs_many(query, registry.region_table(base))
+        compared += sum(1 for name in many.names if name != query.name)
+        pairs += [compare(query, footprint(registry, name)) for name, _ in many.overlapping()]
+    pairs.sort(key=lambda p: -p.total)
+    return AgainstAll(query.name, compared, pairs)
