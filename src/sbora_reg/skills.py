@@ -1,0 +1,152 @@
+"""Small procedural skills to train and measure adapters on: data, training loop, evaluation.
+
+Used by the demo and by composition reports: disjoint regions keep *weights* apart, not *skills*
+(every adapter still reads the same activations), so a composed model is measured on every
+member's skill and compared with that member alone.
+
+A skill is a generator of ``(prompt, answer)`` pairs; the loss and the accuracy are taken on the
+answer tokens only (teacher forced: "exact" means every answer token is the argmax, which is what
+greedy decoding of the answer would produce).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Example = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Skill:
+    """A named generator of (prompt, answer) examples."""
+
+    name: str
+    description: str
+    make: Callable[[random.Random], Example]
+
+    def examples(self, n: int, seed: int) -> list[Example]:
+        rng = random.Random(f"{self.name}:{seed}")
+        return [self.make(rng) for _ in range(n)]
+
+
+def _addition(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"{a}+{b}=", f"{a + b}"
+
+
+def _sorting(rng: random.Random) -> Example:
+    digits = [rng.randint(0, 9) for _ in range(5)]
+    return "sort " + " ".join(map(str, digits)) + ":", " " + " ".join(map(str, sorted(digits)))
+
+
+SKILLS: dict[str, Skill] = {
+    "add": Skill("add", "two-digit addition: '23+45=' -> '68'", _addition),
+    "sort": Skill("sort", "sort five digits: 'sort 3 9 1 7 2:' -> ' 1 2 3 7 9'", _sorting),
+}
+
+
+@dataclass(frozen=True)
+class SkillScore:
+    """Answer-token loss (nats per token) and exact-match rate on held-out examples."""
+
+    loss: float
+    exact: float
+    n: int
+
+
+def encode(tokenizer, examples: list[Example], device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels = -100 everywhere except the answer tokens (+ EOS)."""
+    rows, labels = [], []
+    for prompt, answer in examples:
+        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        mask[i, : len(r)] = 1
+    return {
+        "input_ids": ids.to(device),
+        "labels": lab.to(device),
+        "attention_mask": mask.to(device),
+    }
+
+
+def _batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
+    for i in range(0, len(examples), size):
+        yield examples[i : i + size]
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    skill: Skill,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train the model's trainable parameters on ``skill``; returns the loss of every step."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    data = skill.examples(steps * batch_size, seed=seed)
+    model.train()
+    losses = []
+    for step, batch in enumerate(_batches(data, batch_size)):
+        loss = model(**encode(tokenizer, batch, device)).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, tokenizer, skill: Skill, *, n: int = 128, seed: int = 10_000
+) -> SkillScore:
+    """Held-out answer-token loss and exact-match rate (seed differs from training's)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total_loss, total_tokens, exact = 0.0, 0, 0
+    for batch in _batches(skill.examples(n, seed=seed), 32):
+        enc = encode(tokenizer, batch, device)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        logits, labels = logits[:, :-1].float(), enc["labels"][:, 1:]  # predict token t+1
+        answer = labels != -100
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        total_loss += float(nll[answer].sum())
+        total_tokens += int(answer.sum())
+        right = (logits.argmax(-1) == labels) | ~answer
+        exact += int(right.all(dim=1).sum())
+    return SkillScore(loss=total_loss / total_tokens, exact=exact / n, n=n)
+
+
+def retention(base: SkillScore, alone: SkillScore, composed: SkillScore) -> float:
+    """Share of a skill's loss improvement (base -> alone) that survives in the composed model."""
+    gained = base.loss - alone.loss
+    if gained <= 0:
+        return float("nan")
+    return (base.loss - composed.loss) / gained
