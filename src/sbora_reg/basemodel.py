@@ -34,7 +34,7 @@ def gguf_dir() -> Path:
 
 
 def prepare_base(target: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write SmolLM2-135M as a safetensors checkpoint with its tokenizer into ``target`` (cached)."""
+    """Write SmolLM2-135M with its tokenizer as a safetensors checkpoint in ``target`` (cached)."""
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
