@@ -39,19 +39,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=6)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,up_proj,down_proj")
     p.add_argument("--compute-dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
 
@@ -119,6 +119,20 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(scb, torch.Tensor):
             total += tensor_bytes(scb)
     return total
+
+
+def linear_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes as stored, bytes in fp32) of the model's quantised linear layers."""
+    from sbora_reg.sbora import quant
+
+    stored = dense = 0
+    for module in model.modules():
+        if quant.is_quantized(module):
+            stored += weight_bytes(module)
+            dense += 4 * (module.in_features * module.out_features)
+            if module.bias is not None:
+                dense += 4 * module.bias.numel()
+    return stored, dense
 
 
 # ----------------------------------------------------------------------------------- models
@@ -198,7 +212,7 @@ def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -213,7 +227,9 @@ def main() -> None:
         fp32 = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
         fp32_bytes = weight_bytes(fp32)
         del fp32
-        q4_bytes = weight_bytes(load_4bit(path, args))
+        q4 = load_4bit(path, args)
+        q4_bytes, (q4_linear, fp32_linear) = weight_bytes(q4), linear_bytes(q4)
+        del q4
         models = {"SBoRA-FA": sbora_fa(path, args), "QLoRA": peft_qlora(path, args)}
 
     g = torch.Generator().manual_seed(0)
@@ -263,7 +279,11 @@ def main() -> None:
     )
     print(
         f"weights     4-bit {q4_bytes / 2**20:.1f} MiB / fp32 {fp32_bytes / 2**20:.1f} MiB "
-        f"= {q4_bytes / fp32_bytes:.3f}"
+        f"= {q4_bytes / fp32_bytes:.3f} (embeddings and head stay fp32)"
+    )
+    print(
+        f"linear layers only: 4-bit {q4_linear / 2**20:.1f} MiB / fp32 "
+        f"{fp32_linear / 2**20:.1f} MiB = {q4_linear / fp32_linear:.3f}"
     )
 
 

@@ -261,9 +261,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def activation_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's unquantised, non-adapter parameters (what activations flow in)."""
     for name, param in model.named_parameters():
-        if type(param).__name__ not in _QUANT_PARAM_NAMES and "sbora_" not in name:
-            if param.is_floating_point():
-                return param.dtype
+        quantised = type(param).__name__ in _QUANT_PARAM_NAMES
+        if not quantised and "sbora_" not in name and param.is_floating_point():
+            return param.dtype
     return torch.float32
 
 
