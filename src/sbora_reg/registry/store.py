@@ -79,6 +79,20 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _raw_rows(conn: Any, query: Any) -> builtins.list[tuple[Any, ...]]:
+    """Rows straight from the driver cursor: millions of small rows without per-row wrappers.
+
+    Only for queries whose parameters are integers and fixed strings (rendered literally).
+    """
+    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(sql)
+        return [tuple(row) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
 def _json(value: Any) -> Any:
     """A JSON column read raw: text on SQLite, already decoded by psycopg on PostgreSQL."""
     return json.loads(value) if isinstance(value, str) else value
@@ -551,7 +565,7 @@ class Registry:
         if join_adapters:
             query = query.join(m.Adapter.__table__, m.Adapter.__table__.c.id == r.adapter_id)
         with self.db.translate_errors(), self.db.engine.connect() as conn:
-            rows = conn.execute(query.where(cond)).all()
+            rows = _raw_rows(conn, query.where(cond))
             module_ids = sorted({row[1] for row in rows})
             mods = (
                 conn.execute(
@@ -577,6 +591,10 @@ class Registry:
             sel = np.flatnonzero((counts > 0) & (lengths == width * counts))
             if sel.size == 0:
                 continue
+            if sel.size == np.count_nonzero(counts):  # one width throughout: already in order
+                flat = np.frombuffer(b"".join(blobs_t[i] for i in sel), dtype=dtype)
+                flat = flat.astype(np.int64)
+                break
             values = np.frombuffer(b"".join(blobs_t[i] for i in sel), dtype=dtype)
             group_counts = counts[sel]
             group_starts = np.cumsum(group_counts) - group_counts
