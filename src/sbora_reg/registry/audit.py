@@ -229,7 +229,8 @@ def usage(
         key = rec.task if by == "task" and rec.task else rec.ref
         groups.setdefault(key, {})[rec.ref] = regions.get(rec.ref, {})
     shapes = {name: mod.shape for name, mod in base_rec.modules.items()}
-    return usage_from_regions(base_rec.name, base_rec.fingerprint, shapes, groups)
+    ordered = dict(sorted(groups.items()))
+    return usage_from_regions(base_rec.name, base_rec.fingerprint, shapes, ordered)
 
 
 def render_png(registry: Registry, base: str, path: str | Path, **filters: Any) -> Path:
