@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sbora_reg.errors import ConfigError, QuantizationError
+from sbora_reg.sbora.layer import SBoRALayer
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QUANT_TYPES = ("nf4", "fp4")
@@ -148,19 +149,20 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) 
         if type(param).__name__ not in _QUANT_PARAM_NAMES and param.dtype in FLOAT_DTYPES[1:]:
             param.data = param.data.float()
     if gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
+        hf: Any = model  # a transformers PreTrainedModel
+        if not getattr(hf, "supports_gradient_checkpointing", False):
             raise ConfigError(
                 f"{type(model).__name__} does not support gradient checkpointing: "
                 "pass gradient_checkpointing=False"
             )
         kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
-        model.enable_input_require_grads()  # type: ignore[operator]
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False  # the KV cache is useless (and warned about) here
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf.enable_input_require_grads()
+        if getattr(hf, "config", None) is not None:
+            hf.config.use_cache = False  # the KV cache is useless (and warned about) here
     return model
 
 
@@ -192,15 +194,15 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     ``SCB``: ``W = CB · SCB / 127``) and plain ``nn.Linear``; an SBoRA wrapper is read through
     its ``base_layer``. The result is a new tensor; the module is not modified.
     """
-    module = getattr(module, "base_layer", module)
-    weight = getattr(module, "weight", None)
+    layer: Any = getattr(module, "base_layer", module)
+    weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor):
-        raise QuantizationError(f"{type(module).__name__} has no weight to dequantise")
-    kind = quant_kind(module)
+        raise QuantizationError(f"{type(layer).__name__} has no weight to dequantise")
+    kind = quant_kind(layer)
     if kind is None:
         if not weight.is_floating_point():
             raise QuantizationError(
-                f"cannot read a {weight.dtype} weight of {type(module).__name__}"
+                f"cannot read a {weight.dtype} weight of {type(layer).__name__}"
             )
         return weight.detach().float().clone()
     require_bitsandbytes()
@@ -209,9 +211,9 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if kind == "int8":
         scb = getattr(weight, "SCB", None)
         if scb is None:  # after a first forward the scales live in the layer's matmul state
-            scb = module.state.SCB
+            scb = layer.state.SCB
         return bnbf.int8_vectorwise_dequant(weight.data, scb).float()
-    state = weight.quant_state  # type: ignore[attr-defined]
+    state = layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         return _packed_cpu_to_float(weight, state)
     return bnbf.dequantize_4bit(weight.data, state).float()
@@ -243,9 +245,7 @@ def _check_float_dtype(dtype: torch.dtype) -> None:
 # --------------------------------------------------------------------------- merging
 
 
-def _sbora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from sbora_reg.sbora.layer import SBoRALayer
-
+def _sbora_layers(model: nn.Module) -> list[tuple[str, SBoRALayer]]:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, SBoRALayer)]
     if not found:
         raise QuantizationError("the model has no SBoRA layers: inject or apply an adapter first")
@@ -283,10 +283,11 @@ def merge_dequantized(
     dtype = activation_dtype(model) if dtype is None else dtype
     _check_float_dtype(dtype)
     layers = _sbora_layers(model)
+    for name, layer in layers:
+        if is_quantized(layer.base_layer) and layer.merged:
+            raise QuantizationError(f"{name} is merged over a quantised base: unmerge it first")
     for _, layer in layers:
         if is_quantized(layer.base_layer):
-            if layer.merged:
-                raise QuantizationError("an SBoRA layer over a quantised base is already merged")
             layer.base_layer = dequantized_linear(layer.base_layer, dtype)
         layer.merge()
     if everywhere:
@@ -301,16 +302,17 @@ def _drop_quantization_config(model: nn.Module) -> None:
     """Make a fully dequantised transformers model save and report as a plain model."""
     if has_quantized_layers(model):
         return
-    config = getattr(model, "config", None)
+    hf: Any = model
+    config = getattr(hf, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-        if getattr(model, flag, False):
-            setattr(model, flag, False)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if hasattr(model, "quantization_method"):
-        model.quantization_method = None
+        if getattr(hf, flag, False):
+            setattr(hf, flag, False)
+    if getattr(hf, "hf_quantizer", None) is not None:
+        hf.hf_quantizer = None
+    if hasattr(hf, "quantization_method"):
+        hf.quantization_method = None
 
 
 # --------------------------------------------------------------------------- re-quantisation
@@ -355,12 +357,9 @@ class RequantizeReport:
         }
 
 
-def region_mask(layer: nn.Module) -> torch.Tensor:
+def region_mask(layer: SBoRALayer) -> torch.Tensor:
     """Boolean (out, in) mask of the cells an SBoRA layer may change (FA columns, FB rows)."""
-    base = layer.base_layer
-    mask = torch.zeros(
-        (base.out_features, base.in_features), dtype=torch.bool, device=layer.sbora_idx.device
-    )
+    mask = torch.zeros(layer.shape, dtype=torch.bool, device=layer.sbora_idx.device)
     if layer.variant == "fa":
         mask[:, layer.sbora_idx] = True
     else:
@@ -368,7 +367,7 @@ def region_mask(layer: nn.Module) -> torch.Tensor:
     return mask
 
 
-def _quantize_like(base: nn.Module, weight: torch.Tensor) -> nn.Module:
+def _quantize_like(base: Any, weight: torch.Tensor) -> nn.Module:
     """A new bitsandbytes layer of ``base``'s kind and settings holding ``weight`` quantised."""
     bnb = require_bitsandbytes()
     bias = base.bias
@@ -435,7 +434,7 @@ def requantize(model: nn.Module) -> RequantizeReport:
     """
     stats: dict[str, ModuleRequantStats] = {}
     for name, layer in _sbora_layers(model):
-        base = layer.base_layer
+        base: Any = layer.base_layer
         kind = quant_kind(base)
         if kind is None:
             raise QuantizationError(
@@ -465,7 +464,7 @@ def requantize(model: nn.Module) -> RequantizeReport:
 # --------------------------------------------------------------------------- adapter metadata
 
 
-def _label(module: nn.Module) -> str:
+def _label(module: Any) -> str:
     kind = quant_kind(module)
     if kind == "int8":
         return "bnb-int8"
@@ -481,9 +480,7 @@ def quantization_metadata(model: nn.Module) -> dict[str, str]:
     when the SBoRA layers' bases are not quantised. Only the base layers under SBoRA wrappers
     count, or every layer when the model has no wrappers.
     """
-    from sbora_reg.sbora.layer import SBoRALayer
-
-    bases = [m.base_layer for m in model.modules() if isinstance(m, SBoRALayer)]
+    bases: list[Any] = [m.base_layer for m in model.modules() if isinstance(m, SBoRALayer)]
     if not bases:
         bases = list(model.modules())
     quantised = [m for m in bases if is_quantized(m)]
