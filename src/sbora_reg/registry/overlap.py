@@ -200,11 +200,14 @@ class RegionTable:
     modules: list[str]
     out: np.ndarray  # (M,) int64
     inn: np.ndarray  # (M,) int64
-    seg_adapter: np.ndarray  # (S,) int64, non-decreasing
-    seg_module: np.ndarray  # (S,) int64
+    seg_adapter: np.ndarray  # (S,) int64
+    seg_module: np.ndarray  # (S,) int64, segments sorted by (module, variant, adapter)
     seg_variant: np.ndarray  # (S,) int8
     seg_count: np.ndarray  # (S,) int64, number of indices
-    keys: np.ndarray  # (E,) int64, E = seg_count.sum(), segments in order
+    keys: np.ndarray  # (E,) int32/int64, E = seg_count.sum(), segments in order
+    seg_start: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # (S+1,)
+    # (3M+1,): segments of module m and variant v are block_start[3m+v] : block_start[3m+v+1]
+    block_start: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
 
     @property
     def row_offset(self) -> np.ndarray:
@@ -272,7 +275,8 @@ class RegionTable:
     ) -> RegionTable:
         """Pack segments; ``indices`` is one array per segment or ``(flat, counts)``.
 
-        Segments are reordered by adapter; LoRA segments carry no indices.
+        Segments are sorted by (module, variant, adapter) so that one module's same-variant keys
+        are contiguous; LoRA segments carry no indices.
         """
         if isinstance(indices, tuple):
             flat, counts = (np.asarray(x, dtype=np.int64) for x in indices)
@@ -286,27 +290,32 @@ class RegionTable:
         if np.any(counts[seg_variant == LORA]):  # LoRA rows listed as indices: drop them
             keep = np.repeat(seg_variant != LORA, counts)
             flat, counts = flat[keep], np.where(seg_variant == LORA, 0, counts)
-        if np.any(seg_adapter[1:] < seg_adapter[:-1]):
-            order = np.argsort(seg_adapter, kind="stable")
-            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-            flat = np.concatenate(
-                [flat[s : s + c] for s, c in zip(starts[order], counts[order], strict=True)]
-            )
+        block = seg_module * 3 + seg_variant
+        order = np.lexsort((seg_adapter, block))
+        if np.any(order != np.arange(order.size)):
+            # Move each segment's run of indices to its new place, in one gather.
+            old_start = np.concatenate(([0], np.cumsum(counts)[:-1]))[order]
+            counts = counts[order]
+            new_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            flat = flat[np.repeat(old_start - new_start, counts) + np.arange(flat.size)]
             seg_adapter, seg_module = seg_adapter[order], seg_module[order]
-            seg_variant, counts = seg_variant[order], counts[order]
+            seg_variant, block = seg_variant[order], block[order]
+        out, inn = np.asarray(out, dtype=np.int64), np.asarray(inn, dtype=np.int64)
         table = cls(
             base=base,
             names=list(names),
             modules=list(modules),
-            out=np.asarray(out, dtype=np.int64),
-            inn=np.asarray(inn, dtype=np.int64),
+            out=out,
+            inn=inn,
             seg_adapter=seg_adapter,
             seg_module=seg_module,
             seg_variant=seg_variant,
             seg_count=counts,
             keys=np.zeros(0, dtype=np.int64),
+            seg_start=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+            block_start=np.searchsorted(block, np.arange(3 * len(modules) + 1)).astype(np.int64),
         )
-        seg_dim = np.where(seg_variant == FA, table.inn[seg_module], table.out[seg_module])
+        seg_dim = np.where(seg_variant == FA, inn[seg_module], out[seg_module])
         entry_seg = np.repeat(np.arange(len(counts)), counts)
         if flat.size and (np.any(flat < 0) or np.any(flat >= seg_dim[entry_seg])):
             raise ShapeMismatchError("a region index is out of range for its module")
@@ -314,7 +323,9 @@ class RegionTable:
         seg_base = np.where(
             seg_variant == FA, table.col_offset[seg_module], table.row_offset[seg_module]
         )
-        table.keys = flat + seg_base[entry_seg]
+        keys = flat + seg_base[entry_seg]
+        # int32 halves the memory traffic of the gathers whenever the key space allows it.
+        table.keys = keys.astype(np.int32) if table.space_size < 2**31 else keys
         return table
 
     def index_of(self, name: str) -> int:
@@ -369,19 +380,30 @@ def _query_arrays(query: Footprint, table: RegionTable) -> tuple[np.ndarray, ...
 def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
     """Shared cells of ``query`` with every adapter in ``table``, vectorised over all of them.
 
-    One bitmap of the query's keys, one gather over all keys of the table, one segmented sum.
+    One bitmap of the query's keys, a gather of the same-variant keys of each module it touches,
+    segmented sums, then the cross-variant and LoRA terms from per-segment counts.
     """
     n = len(table.names)
     if query.base != table.base:
         reason = "different base models: never compared"
         return ManyOverlap(query.name, table.names, np.zeros(n, np.int64), False, reason)
     qv_m, qc_m, qcells_m, bitmap = _query_arrays(query, table)
-    hits = bitmap[table.keys]  # (E,) does this entry hit the query's set on that axis
+    # Same-variant intersections: per module the query touches, gather only the keys of that
+    # module's segments of the query's variant (one contiguous block, a cache-local bitmap range).
     inter = np.zeros(len(table.seg_count), dtype=np.int64)
-    nonempty = np.flatnonzero(table.seg_count > 0)
-    if nonempty.size:
-        starts = np.concatenate(([0], np.cumsum(table.seg_count)[:-1]))[nonempty]
-        inter[nonempty] = np.add.reduceat(hits, starts, dtype=np.int64)
+    for m in np.flatnonzero((qv_m == FA) | (qv_m == FB)).tolist():
+        block = 3 * m + int(qv_m[m])
+        s0, s1 = int(table.block_start[block]), int(table.block_start[block + 1])
+        if s0 == s1:
+            continue
+        e0, e1 = int(table.seg_start[s0]), int(table.seg_start[s1])
+        hits = bitmap[table.keys[e0:e1]]  # (entries,) does this entry hit the query's set
+        nonempty = np.flatnonzero(table.seg_count[s0:s1] > 0)
+        if nonempty.size == s1 - s0:  # the usual case: every segment has indices
+            inter[s0:s1] = np.add.reduceat(hits, table.seg_start[s0:s1] - e0, dtype=np.int64)
+        elif nonempty.size:
+            starts = table.seg_start[s0:s1][nonempty] - e0
+            inter[s0 + nonempty] = np.add.reduceat(hits, starts, dtype=np.int64)
     m = table.seg_module
     qv, qc, qcells = qv_m[m], qc_m[m], qcells_m[m]
     v, c = table.seg_variant, table.seg_count
