@@ -101,9 +101,6 @@ class Checkpoint:
     def total_size(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    def entry(self, name: str) -> TensorEntry | None:
-        return next((t for t in self.tensors if t.name == name), None)
-
 
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     """``(tensors, metadata, data_start)`` of a safetensors file, after checking its size."""
@@ -285,7 +282,8 @@ class ShardWriter:
         self.path = path
         self._pending = list(specs)
         self._hasher = _Hasher()
-        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        # Read-write: copied tensors are patched in place through a shared memory map.
+        self._f: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed in close()/abort()
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data: Any) -> None:
@@ -313,33 +311,54 @@ class ShardWriter:
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         self._write(memoryview(flat.numpy()))  # type: ignore[arg-type]
 
-    def copy_raw(self, name: str, entry: TensorEntry) -> None:
-        """Write the next planned tensor by copying its bytes from a base shard unchanged."""
+    def copy_raw(
+        self, name: str, entry: TensorEntry, patch: Callable[[torch.Tensor], None] | None = None
+    ) -> None:
+        """Write the next planned tensor by copying its bytes from a base shard.
+
+        ``patch``, when given, then changes the copy in place: it gets the tensor as stored,
+        mapped straight onto the output file, so a tensor with a few changed rows or columns
+        costs no read into memory and no second write.
+        """
         self._next(name, entry.nbytes)
-        self._hasher.feed(_hash_range(entry.file, entry.start, entry.end))
         self._f.flush()
+        start = self._f.tell()
         with open(entry.file, "rb") as src:
-            done = 0
-            try:
-                while done < entry.nbytes:
-                    n = os.copy_file_range(
-                        src.fileno(), self._f.fileno(), entry.nbytes - done, entry.start + done
-                    )
-                    if n == 0:
-                        raise AdapterFormatError(f"{entry.file} ended early while reading {name}")
-                    done += n
-            except OSError:  # no kernel copy here (old kernel, other file systems): plain reads
-                src.seek(entry.start + done)
-                self._f.seek(0, os.SEEK_END)
-                while done < entry.nbytes:
-                    chunk = src.read(min(entry.nbytes - done, _COPY_CHUNK))
-                    if not chunk:
-                        raise AdapterFormatError(
-                            f"{entry.file} ended early while reading {name}"
-                        ) from None
-                    self._f.write(chunk)
-                    done += len(chunk)
+            self._copy_range(src, entry)
         self._f.seek(0, os.SEEK_END)
+        if patch is not None and entry.nbytes:
+            self._patch(start, entry, patch)
+        self._hasher.feed(_hash_range(self.path, start, start + entry.nbytes))
+
+    def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:
+        done = 0
+        try:
+            while done < entry.nbytes:
+                n = os.copy_file_range(
+                    src.fileno(), self._f.fileno(), entry.nbytes - done, entry.start + done
+                )
+                if n == 0:
+                    raise AdapterFormatError(f"{entry.file} ended early while reading {entry.name}")
+                done += n
+        except OSError:  # no kernel copy here (old kernel, other file systems): plain reads
+            src.seek(entry.start + done)
+            self._f.seek(0, os.SEEK_END)
+            while done < entry.nbytes:
+                chunk = src.read(min(entry.nbytes - done, _COPY_CHUNK))
+                if not chunk:
+                    raise AdapterFormatError(
+                        f"{entry.file} ended early while reading {entry.name}"
+                    ) from None
+                self._f.write(chunk)
+                done += len(chunk)
+            self._f.flush()
+
+    def _patch(self, start: int, entry: TensorEntry, patch: Callable[[torch.Tensor], None]) -> None:
+        base = start - start % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned
+        with mmap.mmap(self._f.fileno(), start + entry.nbytes - base, offset=base) as mm:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=start - base)
+            patch(raw.view(DTYPES[entry.dtype]).reshape(entry.shape))
+            del raw  # the map closes only once no tensor points into it
 
     def close(self) -> str:
         """Flush, fsync and close; returns the file's sha256."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -21,6 +21,7 @@ from sbora_reg.errors import (
     AdapterFormatError,
     FingerprintMismatchError,
     OverlapError,
+    QuantizationError,
     SboraRegError,
 )
 from sbora_reg.registry.compose import MANIFEST_NAME, Member, compose_members
@@ -238,16 +239,26 @@ def test_interrupted_compose_leaves_nothing(
     calls = []
     original = ShardWriter.copy_raw
 
-    def failing(self, name, entry):  # type: ignore[no-untyped-def]
+    def failing(self, name, entry, patch=None):  # type: ignore[no-untyped-def]
         calls.append(name)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return original(self, name, entry)
+        return original(self, name, entry, patch)
 
     monkeypatch.setattr(ShardWriter, "copy_raw", failing)
     with pytest.raises(KeyboardInterrupt):
         compose_members(members(a), llama, tmp_path / "out", shard_size="50KB", command="t")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantised_base_weight_is_refused(tmp_path: Path) -> None:
+    base = save_llama(tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    weights[f"{Q.format(0)}.weight"] = weights[f"{Q.format(0)}.weight"].to(torch.int8)
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    a = make_adapter(base, {Q.format(0): ("fa", [1])}, 1)
+    with pytest.raises(QuantizationError, match="I8"):
+        compose_members(members(a), base, tmp_path / "out", dry_run=True)
 
 
 def test_dry_run_writes_nothing_and_out_is_protected(llama: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from sbora_reg.checkpoint import (
 from sbora_reg.errors import (
     FingerprintMismatchError,
     OverlapError,
+    QuantizationError,
     SboraRegError,
     ShapeMismatchError,
 )
@@ -135,7 +137,7 @@ def merge_tensor(
         for m in modules:
             part = _factor(m.b) if m.variant == "fa" else _factor(m.a)
             region.index_add_(dim, torch.searchsorted(union, _idx(m)), m.scale * part)
-        merged = w.to(dtype)  # ``weight`` is a fresh buffer: same dtype, changed in place
+        merged = w.to(dtype)  # the same tensor when the dtype is unchanged: changed in place
         merged.index_copy_(dim, union, region.to(dtype))
     else:  # LoRA or FA and FB on one module: every cell may change
         full = w.float()
@@ -145,19 +147,32 @@ def merge_tensor(
     return merged.T.contiguous() if conv else merged
 
 
+def merge_in_place(weight: torch.Tensor, modules: Sequence[AdapterModule]) -> None:
+    """``W <- cast(W + Σ ΔW)`` in ``weight``'s own storage and dtype."""
+    merged = merge_tensor(weight, modules, weight.dtype)
+    if merged.data_ptr() != weight.data_ptr():  # the dense path builds a new tensor
+        weight.copy_(merged)
+
+
 def touched_tensors(ckpt: Checkpoint, members: Sequence[Member]) -> dict[str, list[AdapterModule]]:
     """Tensor name -> the members' modules on it, after checking every one fits the base."""
+    entries = {t.name: t for t in ckpt.tensors}
     touched: dict[str, list[AdapterModule]] = {}
     for member in members:
         for name, module in member.adapter.modules.items():
-            entry = ckpt.entry(f"{name}.weight")
+            entry = entries.get(f"{name}.weight")
             out, inp = module.shape
             stored = (inp, out) if module.kind == "conv1d" else (out, inp)
             if entry is None or entry.shape != stored:
                 found = "absent" if entry is None else f"shaped {list(entry.shape)}"
                 raise ShapeMismatchError(
-                    f"{member.name}: module {name} ({module.kind} {list(stored)}) does not fit "
+                    f"{_ref(member)}: module {name} ({module.kind} {list(stored)}) does not fit "
                     f"the base checkpoint {ckpt.path} (its weight is {found}): wrong base model?"
+                )
+            if entry.dtype not in FLOAT_DTYPES:
+                raise QuantizationError(
+                    f"{entry.name} is stored as {entry.dtype} in {ckpt.path}: compose merges into "
+                    "16/32-bit weights only; save a dequantised base first"
                 )
             touched.setdefault(entry.name, []).append(module)
     return touched
@@ -193,11 +208,13 @@ def write_merged_weights(
         try:
             for spec in shard:
                 entry, target = entries[spec.name], DTYPES[spec.dtype]
-                if spec.name in touched:
-                    merged = merge_tensor(read_tensor(entry), touched[spec.name], target)
+                mods = touched.get(spec.name)
+                if spec.dtype == entry.dtype:  # copied by the kernel, changed in place
+                    patch = partial(merge_in_place, modules=mods) if mods else None
+                    writer.copy_raw(spec.name, entry, patch)
+                elif mods:
+                    merged = merge_tensor(read_tensor(entry), mods, target)
                     writer.write_tensor(spec.name, merged)
-                elif spec.dtype == entry.dtype:
-                    writer.copy_raw(spec.name, entry)
                 else:
                     writer.write_tensor(spec.name, read_tensor(entry).to(target))
                 done += 1
