@@ -63,7 +63,6 @@ def test_trainer_lowers_loss_and_changes_only_adapter_tensors(make_llama, tmp_pa
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.rsplit(".", 1)[-1] in ("sbora_A", "sbora_B") for k in changed)
-    assert not list(tmp_path.iterdir()) or all(p.is_dir() for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("variant", ["fa", "fb"])
