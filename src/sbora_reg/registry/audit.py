@@ -363,15 +363,19 @@ class CheckpointAudit:
         }
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _changed_mask(base: torch.Tensor, ckpt: torch.Tensor) -> torch.Tensor:
     """Elementwise "bits differ" after casting the base to the checkpoint's dtype (NaN-safe)."""
-    base = base.to(ckpt.dtype).contiguous()
+    base = base.to(ckpt.dtype).contiguous().reshape(ckpt.shape)
     ckpt = ckpt.contiguous()
-    if ckpt.dim() == 0:
-        base, ckpt = base.reshape(1), ckpt.reshape(1)
-    a = base.view(torch.uint8).reshape(*base.shape, -1)
-    b = ckpt.view(torch.uint8).reshape(*ckpt.shape, -1)
-    return (a != b).any(dim=-1)
+    bits = _SAME_SIZE_INT.get(ckpt.element_size())
+    if bits is None or ckpt.dim() == 0:  # unusual widths: compare byte by byte
+        a = base.reshape(-1).view(torch.uint8).reshape(*ckpt.shape, -1)
+        b = ckpt.reshape(-1).view(torch.uint8).reshape(*ckpt.shape, -1)
+        return (a != b).any(dim=-1)
+    return base.view(bits) != ckpt.view(bits)
 
 
 def _allowed_mask(stored: tuple[int, ...], regions: Iterable[DeclaredRegion]) -> torch.Tensor:
