@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -79,6 +80,36 @@ def open_checkpoint_single(file: Path):  # type: ignore[no-untyped-def]
     (folder / "model.safetensors").write_bytes(file.read_bytes())
     ck = open_checkpoint(folder)
     return ck
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copy_raw_with_patch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    if not kernel_copy:
+        monkeypatch.setattr("sbora_reg.checkpoint._copy_file_range", None)
+    tensors = _tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    entries = {e.name: e for e in open_checkpoint_single(src).tensors}
+    specs = [OutSpec(n, entries[n].dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardWriter(tmp_path / "out.safetensors", specs, {})
+
+    def double_row_1(t: torch.Tensor) -> None:  # changes the mapped output in place
+        t[1] *= 2
+
+    for name in tensors:
+        writer.copy_raw(
+            name, entries[name], double_row_1 if name in ("a.weight", "b.weight") else None
+        )
+    digest = writer.close()
+    back = load_file(tmp_path / "out.safetensors")
+    for name, t in tensors.items():
+        want = t.clone()
+        if name in ("a.weight", "b.weight"):
+            want[1] *= 2
+        assert torch.equal(back[name], want), name
+    assert digest == hashlib.sha256((tmp_path / "out.safetensors").read_bytes()).hexdigest()
 
 
 def test_shard_writer_refuses_unplanned_tensor(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
+_copy_file_range = getattr(os, "copy_file_range", None)  # Linux only; plain reads elsewhere
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -333,8 +334,10 @@ class ShardWriter:
     def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:
         done = 0
         try:
+            if _copy_file_range is None:
+                raise OSError("os.copy_file_range is not available on this system")
             while done < entry.nbytes:
-                n = os.copy_file_range(
+                n = _copy_file_range(
                     src.fileno(), self._f.fileno(), entry.nbytes - done, entry.start + done
                 )
                 if n == 0:

@@ -266,6 +266,10 @@ def test_dry_run_writes_nothing_and_out_is_protected(llama: Path, tmp_path: Path
     result = compose_members(members(a), llama, tmp_path / "out", dry_run=True)
     assert result.dry_run and result.tensors_changed == 1 and result.total_bytes > 0
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SboraRegError, match="--dtype applies to --format merged only"):
+        compose_members(members(a), llama, tmp_path / "out", "adapter", dtype="bfloat16")
+    with pytest.raises(SboraRegError, match="unknown format"):
+        compose_members(members(a), llama, tmp_path / "out", "gguf")
     (tmp_path / "out").mkdir()
     with pytest.raises(SboraRegError, match="already exists"):
         compose_members(members(a), llama, tmp_path / "out", command="t")

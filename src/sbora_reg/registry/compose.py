@@ -476,6 +476,8 @@ def compose_members(
         raise SboraRegError(f"unknown dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
     if not members:
         raise SboraRegError("nothing to compose: name at least one adapter")
+    if dtype is not None and fmt != "merged":
+        raise SboraRegError("--dtype applies to --format merged only (adapters stay float32)")
     base, out = Path(base_dir), Path(out).absolute()
     fingerprint = check_members(base, members)
     cells = check_overlap(members, fingerprint, allow_overlap)
