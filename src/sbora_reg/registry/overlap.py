@@ -404,10 +404,10 @@ def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
         elif nonempty.size:
             starts = table.seg_start[s0:s1][nonempty] - e0
             inter[s0 + nonempty] = np.add.reduceat(hits, starts, dtype=np.int64)
-    m = table.seg_module
-    qv, qc, qcells = qv_m[m], qc_m[m], qcells_m[m]
+    seg_m = table.seg_module
+    qv, qc, qcells = qv_m[seg_m], qc_m[seg_m], qcells_m[seg_m]
     v, c = table.seg_variant, table.seg_count
-    o, i = table.out[m], table.inn[m]
+    o, i = table.out[seg_m], table.inn[seg_m]
     shared = np.select(
         [
             qv < 0,
