@@ -14,7 +14,9 @@ wraps any linear layer. What is special lives here:
   columns (FA) or rows (FB) change; every other weight equals the dequantised base bit for bit;
 - ``requantize``: merge and quantise back, only on request. NF4/FP4 quantise blocks of 64
   consecutive values of a row and int8 whole rows, so a regional update moves the block (row)
-  scales and changes weights the adapter never touched; the returned report counts them.
+  scales and changes weights the adapter never touched; the returned report counts them. FA
+  touches every row, so it always leaks; FB leaks only through shared scales (double
+  quantisation re-quantises all block scales, so nearly every weight moves).
 - ``quantization_metadata``: how an adapter's training base was quantised, for its metadata. The
   adapter's ``base_fingerprint`` is the unquantised checkpoint's (the fingerprint reads
   ``in_features``/``out_features``, not the packed weight).
@@ -50,13 +52,6 @@ def require_bitsandbytes() -> ModuleType:
         raise QuantizationError(
             "this needs bitsandbytes for a quantised base model: pip install 'bitsandbytes>=0.45'"
         ) from exc
-
-
-def _bnb_or_none() -> ModuleType | None:
-    try:
-        return importlib.import_module("bitsandbytes")
-    except ImportError:
-        return None
 
 
 # Parameter classes of quantised bitsandbytes layers, recognised by name so that a model holding
