@@ -48,8 +48,16 @@ def registry(tmp_path: Path, base_dir: Path) -> Registry:
 def test_allocation_is_disjoint_seeded_and_written(
     registry: Registry, base_dir: Path, tmp_path: Path
 ) -> None:
-    first = allocate(registry, str(base_dir), variant="fa", rank=20, targets=["q_proj", "v_proj"],
-                     task="t1", seed=1, out=tmp_path / "a.safetensors")  # fmt: skip
+    first = allocate(
+        registry,
+        str(base_dir),
+        variant="fa",
+        rank=20,
+        targets=["q_proj", "v_proj"],
+        task="t1",
+        seed=1,
+        out=tmp_path / "a.safetensors",
+    )
     second = allocate(registry, str(base_dir), variant="fa", rank=20, targets=["q_proj"], seed=1)
     assert sorted(first.indices) == [
         f"model.layers.{i}.self_attn.{p}" for i in range(LAYERS) for p in ("q_proj", "v_proj")
@@ -65,8 +73,9 @@ def test_allocation_is_disjoint_seeded_and_written(
     # Same seed on a fresh registry gives the same draw; the seed matters.
     other = Registry.open(tmp_path / "other.db")
     other.add_base(base_dir)
-    again = allocate(other, str(base_dir), variant="fa", rank=20, targets=["q_proj", "v_proj"],
-                     seed=1)  # fmt: skip
+    again = allocate(
+        other, str(base_dir), variant="fa", rank=20, targets=["q_proj", "v_proj"], seed=1
+    )
     other.close()
     third = Registry.open(tmp_path / "third.db")
     third.add_base(base_dir)
@@ -82,8 +91,15 @@ def test_inject_accepts_the_indices_file(
 ) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    alloc = allocate(registry, str(base_dir), variant="fb", rank=8, targets=["v_proj"], seed=0,
-                     out=tmp_path / "idx.safetensors")  # fmt: skip
+    alloc = allocate(
+        registry,
+        str(base_dir),
+        variant="fb",
+        rank=8,
+        targets=["v_proj"],
+        seed=0,
+        out=tmp_path / "idx.safetensors",
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
     config = sbora.SBoRAConfig(variant="fb", r=8, alpha=16, target_modules=("v_proj",))
@@ -111,8 +127,15 @@ def test_refuses_other_variant_unless_allowed(registry: Registry, base_dir: Path
     allocate(registry, str(base_dir), variant="fb", rank=4, targets=["q_proj"], seed=0)
     with pytest.raises(AllocationError, match="allow-cross-variant"):
         allocate(registry, str(base_dir), variant="fa", rank=4, targets=["q_proj"], seed=0)
-    done = allocate(registry, str(base_dir), variant="fa", rank=4, targets=["q_proj"], seed=0,
-                    allow_cross_variant=True)  # fmt: skip
+    done = allocate(
+        registry,
+        str(base_dir),
+        variant="fa",
+        rank=4,
+        targets=["q_proj"],
+        seed=0,
+        allow_cross_variant=True,
+    )
     assert len(done.warnings) == LAYERS and "reservation" in done.warnings[0]
 
 
@@ -121,14 +144,20 @@ def test_no_matching_targets(registry: Registry, base_dir: Path) -> None:
         allocate(registry, str(base_dir), variant="fa", rank=4, targets=["c_attn"])
 
 
-def _save_adapter(base_dir: Path, out: Path, variant: str, r: int, targets: tuple[str, ...],
-                  indices: dict | str | None, seed: int = 0) -> Path:  # fmt: skip
+def _save_adapter(
+    base_dir: Path,
+    out: Path,
+    variant: str,
+    r: int,
+    targets: tuple[str, ...],
+    indices: dict | str | None,
+    seed: int = 0,
+) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
-    config = sbora.SBoRAConfig(variant=variant, r=r, alpha=2 * r, target_modules=targets,
-                               seed=seed)  # fmt: skip
+    config = sbora.SBoRAConfig(variant=variant, r=r, alpha=2 * r, target_modules=targets, seed=seed)
     sbora.inject(model, config, indices=indices)
     adapter = sbora.extract(model)
     adapter.save(out)
@@ -141,15 +170,21 @@ def test_registered_adapters_are_avoided_and_consume_reservations(
     plain = _save_adapter(base_dir, tmp_path / "plain", "fa", 16, ("q_proj",), None, seed=3)
     rec = registry.add(plain, name="plain", base=str(base_dir))
     used = registry.regions(rec)
-    alloc = allocate(registry, str(base_dir), variant="fa", rank=40, targets=["q_proj"], seed=0,
-                     out=tmp_path / "r.safetensors")  # fmt: skip
+    alloc = allocate(
+        registry,
+        str(base_dir),
+        variant="fa",
+        rank=40,
+        targets=["q_proj"],
+        seed=0,
+        out=tmp_path / "r.safetensors",
+    )
     for name, idx in alloc.indices.items():
         assert np.intersect1d(idx, used[name].indices).size == 0
     # Exactly 64 - 16 - 40 = 8 columns are left on each q_proj.
     with pytest.raises(AllocationError, match="only 8 free columns"):
         allocate(registry, str(base_dir), variant="fa", rank=9, targets=["q_proj"])
-    trained = _save_adapter(base_dir, tmp_path / "trained", "fa", 40, ("q_proj",),
-                            str(alloc.path))  # fmt: skip
+    trained = _save_adapter(base_dir, tmp_path / "trained", "fa", 40, ("q_proj",), str(alloc.path))
     registry.add(trained, name="trained", task="t", base=str(base_dir))
     with registry.read() as session:
         res = session.get(m.Reservation, alloc.reservation_id)
@@ -182,8 +217,9 @@ def _worker(db: str, base: str, seed: int, queue: mp.Queue, start: object) -> No
         start.wait(timeout=60)  # type: ignore[attr-defined]  # all allocate at the same moment
         got = []
         for k in range(3):
-            a = allocate(reg, base, variant="fa", rank=3, targets=["q_proj", "k_proj"],
-                         seed=seed * 10 + k)  # fmt: skip
+            a = allocate(
+                reg, base, variant="fa", rank=3, targets=["q_proj", "k_proj"], seed=seed * 10 + k
+            )
             got.append({n: i.tolist() for n, i in a.indices.items()})
         queue.put(got)
     except Exception as exc:  # report to the parent instead of hanging it
@@ -217,3 +253,33 @@ def test_concurrent_allocations_never_share_an_index(
     assert len(seen) == 2 * LAYERS
     for idx in seen.values():
         assert len(idx) == 36 and len(set(idx)) == 36
+
+
+def test_gpt2_conv1d_allocation_feeds_inject(tmp_path: Path) -> None:
+    """Conv1D layers are allocated in the (out, in) frame that inject and the registry use."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=30)
+    config.save_pretrained(tmp_path / "gpt2")
+    with Registry.open(tmp_path / "reg.db") as reg:
+        reg.add_base(tmp_path / "gpt2")
+        fa = allocate(
+            reg,
+            str(tmp_path / "gpt2"),
+            variant="fa",
+            rank=16,
+            targets=["c_attn"],
+            seed=0,
+            out=tmp_path / "fa.safetensors",
+        )
+        # c_attn is (out, in) = (48, 16): FA takes all 16 input columns, none are left.
+        with pytest.raises(AllocationError, match="only 0 free columns of 16"):
+            allocate(reg, str(tmp_path / "gpt2"), variant="fa", rank=1, targets=["c_attn"])
+    model = GPT2LMHeadModel(config)
+    sbora.inject(
+        model,
+        sbora.SBoRAConfig(variant="fa", r=16, alpha=16, target_modules=("c_attn",)),
+        indices=str(fa.path),
+    )
+    for name, idx in sbora.extract(model).indices.items():
+        np.testing.assert_array_equal(idx.numpy(), fa.indices[name])
