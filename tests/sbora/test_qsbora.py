@@ -136,9 +136,13 @@ def test_load_quantized_rejects_bad_arguments(checkpoint):
 
 
 def test_quantised_model_without_bitsandbytes_is_a_clear_error(checkpoint, monkeypatch):
+    model = inject(load(checkpoint, NF4_FP32), "fa")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     with pytest.raises(QuantizationError, match="pip install"):
         quant.load_quantized(checkpoint)
+    with pytest.raises(QuantizationError, match="pip install"):
+        quant.merge_dequantized(model)
+    assert quant.has_quantized_layers(model)  # nothing was changed
 
 
 def test_fingerprint_of_quantised_model_is_the_checkpoints(checkpoint):

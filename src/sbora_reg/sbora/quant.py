@@ -281,9 +281,15 @@ def merge_dequantized(
     for name, layer in layers:
         if is_quantized(layer.base_layer) and layer.merged:
             raise QuantizationError(f"{name} is merged over a quantised base: unmerge it first")
-    for _, layer in layers:
-        if is_quantized(layer.base_layer):
-            layer.base_layer = dequantized_linear(layer.base_layer, dtype)
+    # dequantise everything first, so that a failure leaves the model as it was
+    plain = {
+        n: dequantized_linear(lay.base_layer, dtype)
+        for n, lay in layers
+        if is_quantized(lay.base_layer)
+    }
+    for name, layer in layers:
+        if name in plain:
+            layer.base_layer = plain[name]
         layer.merge()
     if everywhere:
         for name, module in list(model.named_modules()):
