@@ -31,7 +31,9 @@ def _usage_table(report: UsageReport) -> Table:
         title=f"{report.base}: {report.cells:,} of {report.total_weights:,} weights ({share:.3%})"
     )
     for col in ("task", "module", "rows", "columns", "weights", "share"):
-        table.add_column(col, justify="right" if col in ("weights", "share") else "left")
+        table.add_column(
+            col, overflow="fold", justify="right" if col in ("weights", "share") else "left"
+        )
     for group in report.groups:
         table.add_row(
             f"[bold]{group.name}[/]",
@@ -66,7 +68,9 @@ def _usage_table(report: UsageReport) -> Table:
 def _checkpoint_table(result: CheckpointAudit) -> Table:
     table = Table(title=f"{result.checkpoint} vs {result.base} ({', '.join(result.sources)})")
     for col in ("tensor", "changed", "unexplained", "rows", "columns", "note"):
-        table.add_column(col, justify="right" if col in ("changed", "unexplained") else "left")
+        table.add_column(
+            col, overflow="fold", justify="right" if col in ("changed", "unexplained") else "left"
+        )
     for f in result.findings:
         table.add_row(
             f.tensor, f"{f.changed:,}", f"[red]{f.unexplained:,}[/]", f.rows, f.cols, f.note

@@ -21,7 +21,7 @@ OVERLAP_EXIT = 3
 def _pairs_table(pairs: Sequence[PairOverlap], title: str) -> Table:
     table = Table(title=title)
     for col in ("A", "B", "shared cells", "module", "cells"):
-        table.add_column(col, justify="right" if "cells" in col else "left")
+        table.add_column(col, overflow="fold", justify="right" if "cells" in col else "left")
     for p in pairs:
         if not p.comparable:
             table.add_row(p.a, p.b, "-", f"[yellow]not compared: {p.reason}[/]", "")
@@ -93,8 +93,8 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str) -> list[s
 
 def _render_allocation(alloc: Allocation) -> None:
     table = Table(title=f"Reservation {alloc.reservation_id}: {alloc.variant} r={alloc.rank}")
-    table.add_column("module")
-    table.add_column("columns" if alloc.variant == "fa" else "rows")
+    table.add_column("module", overflow="fold")
+    table.add_column("columns" if alloc.variant == "fa" else "rows", overflow="fold")
     for name, ranges in alloc.to_json()["modules"].items():
         table.add_row(name, ranges)
     Console().print(table)
