@@ -67,7 +67,7 @@ def test_shard_writer_output_is_read_by_safetensors(tmp_path: Path) -> None:
             writer.copy_raw(name, entries[name])  # raw bytes from the source file
         else:
             writer.write_tensor(name, t)
-    writer.close()
+    writer.close().result()
     back = load_file(tmp_path / "out.safetensors")
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():
@@ -102,7 +102,7 @@ def test_copy_raw_with_patch(
         writer.copy_raw(
             name, entries[name], double_row_1 if name in ("a.weight", "b.weight") else None
         )
-    digest = writer.close()
+    digest = writer.close().result()
     back = load_file(tmp_path / "out.safetensors")
     for name, t in tensors.items():
         want = t.clone()

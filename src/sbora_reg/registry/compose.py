@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -232,21 +233,25 @@ def write_merged_weights(
     plan = plan_shards(specs, shard_size)
     names = shard_names(len(plan))
     entries = {t.name: t for t in ckpt.tensors}
-    hashes: dict[str, str] = {}
+    closing: dict[str, Future[str]] = {}  # shards being fsynced while the next is written
     done = 0
-    with _one_thread():
-        for file, shard in zip(names, plan, strict=True):
-            writer = ShardWriter(out / file, shard, {"format": "pt"})
-            try:
-                for spec in shard:
-                    _write_one(writer, spec, entries[spec.name], touched.get(spec.name))
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(specs), spec.name)
-            except BaseException:
-                writer.abort()
-                raise
-            hashes[file] = writer.close()
+    try:
+        with _one_thread():
+            for file, shard in zip(names, plan, strict=True):
+                writer = ShardWriter(out / file, shard, {"format": "pt"})
+                try:
+                    for spec in shard:
+                        _write_one(writer, spec, entries[spec.name], touched.get(spec.name))
+                        done += 1
+                        if progress is not None:
+                            progress(done, len(specs), spec.name)
+                except BaseException:
+                    writer.abort()
+                    raise
+                closing[file] = writer.close()
+    finally:
+        wait(closing.values())  # never leave a thread writing into a directory being removed
+    hashes = {file: job.result() for file, job in closing.items()}
     if len(plan) > 1:
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs)},
