@@ -306,3 +306,23 @@ def test_errors_are_one_line(registry: Registry) -> None:
     with pytest.raises(SboraRegError) as info:
         registry.resolve("missing@2")
     assert "\n" not in str(info.value)
+
+
+def test_region_table_matches_footprints(
+    registry: Registry, tiny_base: Path, tmp_path: Path
+) -> None:
+    from sbora_reg.registry.overlap import Footprint, RegionTable
+
+    for i, variant in enumerate(["fa", "fb", "lora", "fa"]):
+        make_adapter(tmp_path / f"d{i}", tiny_base, variant, seed=i)
+        registry.add(tmp_path / f"d{i}", name=f"n{i}")
+    base = registry.get_base(str(tiny_base))
+    table = registry.region_table(base)
+    regions = registry.regions_on_base(base)
+    assert sorted(table.names) == sorted(regions)
+    expected = RegionTable.from_footprints(
+        [Footprint(ref, base.fingerprint, regions[ref]) for ref in table.names]
+    )
+    assert table.modules == expected.modules
+    for field in ("out", "inn", "seg_adapter", "seg_module", "seg_variant", "seg_count", "keys"):
+        np.testing.assert_array_equal(getattr(table, field), getattr(expected, field))

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from sbora_reg.errors import AdapterFormatError, PickleRefusedError
+from sbora_reg.errors import (
+    AdapterFormatError,
+    FingerprintMismatchError,
+    InvalidIndicesError,
+    PickleRefusedError,
+    ShapeMismatchError,
+)
+from sbora_reg.registry.records import BaseRecord
 
 NATIVE_FILES = ("sbora_config.json", "sbora_adapter.safetensors")
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -114,3 +121,25 @@ def summarise(path: Path, fmt: str) -> AdapterSummary:
         metadata={str(k): v for k, v in (adapter.metadata or {}).items()},
         modules=modules,
     )
+
+
+def check_fits(summary: AdapterSummary, base: BaseRecord) -> None:
+    """Raise unless every adapted module is in ``base`` with its shape and in-range indices."""
+    if summary.base_fingerprint and summary.base_fingerprint != base.fingerprint:
+        raise FingerprintMismatchError(
+            f"the adapter was made for base fingerprint {summary.base_fingerprint[:12]}, "
+            f"not {base.name} ({base.fingerprint[:12]}): pass the --base it was trained on"
+        )
+    for name, mod in sorted(summary.modules.items()):
+        have = base.modules.get(name)
+        if have is None:
+            raise ShapeMismatchError(f"{base.name} has no module {name}: wrong --base?")
+        if tuple(have.shape) != tuple(mod.shape):
+            raise ShapeMismatchError(
+                f"module {name} is {mod.shape[0]}x{mod.shape[1]} in the adapter but "
+                f"{have.shape[0]}x{have.shape[1]} in {base.name}: wrong --base?"
+            )
+        if mod.indices is not None and mod.indices.size:
+            dim = mod.shape[1] if mod.variant == "fa" else mod.shape[0]
+            if mod.indices.min() < 0 or mod.indices.max() >= dim:
+                raise InvalidIndicesError(f"module {name} has indices outside [0, {dim})")

@@ -10,37 +10,34 @@ never interleave). Everything returned is a plain dataclass from ``records``.
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sqlalchemy import Text, delete, insert, select, type_coerce, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from sbora_reg import migrations
 from sbora_reg.errors import (
-    FingerprintMismatchError,
-    InvalidIndicesError,
     NotFoundError,
     RegistryError,
-    ShapeMismatchError,
 )
 from sbora_reg.registry import indexblob
 from sbora_reg.registry import models as m
+from sbora_reg.registry import queries as q
 from sbora_reg.registry.blobs import BlobStore, dir_size
 from sbora_reg.registry.database import DEFAULT_BUSY_TIMEOUT_S, Database, locate
 from sbora_reg.registry.names import check_name, check_tags, parse_ref
+from sbora_reg.registry.overlap import RegionTable
 from sbora_reg.registry.reading import (
     AdapterSummary,
     adapter_files,
+    check_fits,
     detect_format,
     summarise,
 )
@@ -56,20 +53,6 @@ from sbora_reg.registry.records import (
 
 log = logging.getLogger(__name__)
 
-_A = m.Adapter.__table__.c
-# JSON and timestamps come back raw (type_coerce) and are parsed by _json/_timestamp.
-_ADAPTER_COLS = (
-    *(c for c in _A if c.name not in ("target_modules", "metadata", "provenance", "created")),
-    *(type_coerce(_A[n], Text).label(n) for n in ("target_modules", "metadata", "provenance")),
-    type_coerce(_A.created, Text).label("created"),
-    m.BaseModel.name.label("base_name"),
-    m.BaseModel.fingerprint,
-)
-
-
-_EMPTY = np.zeros(0, dtype=np.int64)
-_EMPTY.setflags(write=False)
-
 
 class _BlobVanished(Exception):
     """The staged blob was removed by a concurrent ``gc`` before it was recorded."""
@@ -77,42 +60,6 @@ class _BlobVanished(Exception):
 
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _raw_rows(conn: Any, query: Any) -> builtins.list[tuple[Any, ...]]:
-    """Rows straight from the driver cursor: millions of small rows without per-row wrappers.
-
-    Only for queries whose parameters are integers and fixed strings (rendered literally).
-    """
-    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
-    cursor = conn.connection.driver_connection.cursor()
-    try:
-        cursor.execute(sql)
-        return [tuple(row) for row in cursor.fetchall()]
-    finally:
-        cursor.close()
-
-
-def _json(value: Any) -> Any:
-    """A JSON column read raw: text on SQLite, already decoded by psycopg on PostgreSQL."""
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def _timestamp(value: Any) -> datetime:
-    return _utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
-
-
-@dataclass(frozen=True)
-class _Packed:
-    """Regions as flat arrays: segment i covers ``flat[starts[i]:starts[i] + counts[i]]``."""
-
-    adapter_ids: np.ndarray  # (S,) int64
-    module_names: builtins.list[str]  # (S,)
-    variants: builtins.list[str]  # (S,)
-    counts: np.ndarray  # (S,) int64 (0 for lora)
-    starts: np.ndarray  # (S,) int64
-    flat: np.ndarray  # (sum(counts),) int64
-    shapes: dict[str, tuple[int, int]]
 
 
 def _is_local_model(name: str) -> bool:
@@ -400,7 +347,7 @@ class Registry:
                     provenance or {},
                     regions,
                 )
-        return self._records(select(*_ADAPTER_COLS).where(m.Adapter.id == adapter_id))[0]
+        return self._records(q.adapter_select().where(m.Adapter.id == adapter_id))[0]
 
     def _insert(
         self,
@@ -472,7 +419,7 @@ class Registry:
     def resolve(self, ref: str) -> AdapterRecord:
         """``"name"`` (latest version) or ``"name@3"`` -> its record; NotFoundError if absent."""
         name, version = parse_ref(ref)
-        query = select(*_ADAPTER_COLS).where(m.Adapter.name == name)
+        query = q.adapter_select().where(m.Adapter.name == name)
         query = (
             query.order_by(m.Adapter.version.desc()).limit(1)
             if version is None
@@ -490,7 +437,7 @@ class Registry:
 
     def list_versions(self, name: str) -> builtins.list[AdapterRecord]:
         return self._records(
-            select(*_ADAPTER_COLS).where(m.Adapter.name == name).order_by(m.Adapter.version)
+            q.adapter_select().where(m.Adapter.name == name).order_by(m.Adapter.version)
         )
 
     def list(
@@ -500,7 +447,7 @@ class Registry:
         tags: dict[str, str] | None = None,
     ) -> builtins.list[AdapterRecord]:
         """Every adapter version, optionally filtered by base, task and tags (all must match)."""
-        query = select(*_ADAPTER_COLS)
+        query = q.adapter_select()
         if base is not None:
             query = query.where(m.Adapter.base_id == self.get_base(base).id)
         if task is not None:
@@ -516,7 +463,7 @@ class Registry:
     def adapters_on_base(self, base: str | BaseRecord) -> builtins.list[AdapterRecord]:
         base_rec = base if isinstance(base, BaseRecord) else self.get_base(base)
         return self._records(
-            select(*_ADAPTER_COLS)
+            q.adapter_select()
             .where(m.Adapter.base_id == base_rec.id)
             .order_by(m.Adapter.name, m.Adapter.version)
         )
@@ -545,103 +492,20 @@ class Registry:
         return {refs[i]: regs for i, regs in by_id.items()}
 
     def _region_rows(self, cond: Any, join_adapters: bool = False) -> dict[int, dict[str, Region]]:
-        packed = self._packed_regions(cond, join_adapters)
-        out: dict[int, dict[str, Region]] = {}
-        ends = packed.starts + packed.counts
-        for i, (aid, mod, variant) in enumerate(
-            zip(packed.adapter_ids.tolist(), packed.module_names, packed.variants, strict=True)
-        ):
-            shape = packed.shapes[mod]
-            idx = packed.flat[packed.starts[i] : ends[i]]
-            out.setdefault(aid, {})[mod] = Region(variant, shape, idx)
-        return out
-
-    def _packed_regions(self, cond: Any, join_adapters: bool) -> _Packed:
-        """Regions matching ``cond`` as flat arrays, decoded in a few vectorised steps."""
-        r, bm = m.Region.__table__.c, m.BaseModule.__table__.c
-        query: Any = select(r.adapter_id, r.module_id, r.variant, r.count, r.indices).order_by(
-            r.adapter_id, r.module_id
-        )
-        if join_adapters:
-            query = query.join(m.Adapter.__table__, m.Adapter.__table__.c.id == r.adapter_id)
         with self.db.translate_errors(), self.db.engine.connect() as conn:
-            rows = _raw_rows(conn, query.where(cond))
-            module_ids = sorted({row[1] for row in rows})
-            mods = (
-                conn.execute(
-                    select(bm.id, bm.name, bm.out_features, bm.in_features).where(
-                        bm.id.in_(module_ids)
-                    )
-                ).all()
-                if module_ids
-                else []
-            )
-        names = {mid: name for mid, name, _o, _i in mods}
-        shapes = {name: (o, i) for _mid, name, o, i in mods}
-        if not rows:
-            empty = np.zeros(0, dtype=np.int64)
-            return _Packed(empty, [], [], empty, empty, empty, shapes)
-        adapter_ids, mod_ids, variants, counts_t, blobs_t = zip(*rows, strict=True)
-        counts = np.array(counts_t, dtype=np.int64)
-        counts[np.array([b is None for b in blobs_t])] = 0  # lora: every cell, no indices
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-        flat = np.empty(int(counts.sum()), dtype=np.int64)
-        lengths = np.array([len(b) if b is not None else 0 for b in blobs_t], dtype=np.int64)
-        for width, dtype in ((2, "<u2"), (4, "<u4")):
-            sel = np.flatnonzero((counts > 0) & (lengths == width * counts))
-            if sel.size == 0:
-                continue
-            if sel.size == np.count_nonzero(counts):  # one width throughout: already in order
-                flat = np.frombuffer(b"".join(blobs_t[i] for i in sel), dtype=dtype)
-                flat = flat.astype(np.int64)
-                break
-            values = np.frombuffer(b"".join(blobs_t[i] for i in sel), dtype=dtype)
-            group_counts = counts[sel]
-            group_starts = np.cumsum(group_counts) - group_counts
-            where = np.arange(values.size) + np.repeat(starts[sel] - group_starts, group_counts)
-            flat[where] = values
-        bad = (counts > 0) & (lengths != 2 * counts) & (lengths != 4 * counts)
-        if bad.any():
-            raise RegistryError(f"corrupt index data in the registry {self.location}")
-        return _Packed(
-            np.array(adapter_ids, dtype=np.int64),
-            [names[i] for i in mod_ids],
-            list(variants),
-            counts,
-            starts,
-            flat,
-            shapes,
-        )
+            return q.packed_to_regions(q.fetch_packed(conn, cond, join_adapters))
 
-    def region_table(self, base: str | BaseRecord) -> Any:
+    def region_table(self, base: str | BaseRecord) -> RegionTable:
         """All regions on ``base`` packed as an ``overlap.RegionTable`` (names are refs)."""
-        from sbora_reg.registry.overlap import VARIANT_CODES, RegionTable
-
         base_rec = base if isinstance(base, BaseRecord) else self.get_base(base)
-        refs = self._refs_on_base(base_rec)
-        packed = self._packed_regions(m.Adapter.base_id == base_rec.id, join_adapters=True)
-        modules = sorted(packed.shapes)
-        module_pos = {name: i for i, name in enumerate(modules)}
-        adapter_pos = {aid: i for i, aid in enumerate(refs)}
-        return RegionTable.from_arrays(
-            base=base_rec.fingerprint,
-            names=list(refs.values()),
-            modules=modules,
-            out=np.array([packed.shapes[n][0] for n in modules], dtype=np.int64),
-            inn=np.array([packed.shapes[n][1] for n in modules], dtype=np.int64),
-            seg_adapter=np.array([adapter_pos[a] for a in packed.adapter_ids.tolist()]),
-            seg_module=np.array([module_pos[n] for n in packed.module_names], dtype=np.int64),
-            seg_variant=np.array([VARIANT_CODES[v] for v in packed.variants], dtype=np.int8),
-            indices=(packed.flat, packed.counts),
-        )
+        with self.db.translate_errors(), self.db.engine.connect() as conn:
+            refs = q.fetch_refs(conn, base_rec.id)
+            packed = q.fetch_packed(conn, m.Adapter.base_id == base_rec.id, join_adapters=True)
+        return q.region_table(packed, refs, base_rec.fingerprint)
 
     def _refs_on_base(self, base: BaseRecord) -> dict[int, str]:
-        a = m.Adapter.__table__.c
         with self.db.translate_errors(), self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(a.id, a.name, a.version).where(a.base_id == base.id).order_by(a.id)
-            ).all()
-        return {aid: f"{name}@{version}" for aid, name, version in rows}
+            return q.fetch_refs(conn, base.id)
 
     def blob_path(self, sha256: str) -> Path:
         """The directory holding an adapter's stored files."""
@@ -651,39 +515,8 @@ class Registry:
         return path
 
     def _records(self, query: Any) -> builtins.list[AdapterRecord]:
-        # Core rows, JSON and timestamps parsed here: several times faster than ORM loading.
         with self.db.translate_errors(), self.db.engine.connect() as conn:
-            rows = conn.execute(query.join(m.BaseModel, m.BaseModel.id == m.Adapter.base_id)).all()
-            ids = [r.id for r in rows]
-            tags: dict[int, dict[str, str]] = {}
-            if ids:
-                tag_query = select(m.Tag.adapter_id, m.Tag.key, m.Tag.value)
-                if len(ids) < 500:
-                    tag_query = tag_query.where(m.Tag.adapter_id.in_(ids))
-                for aid, key, value in conn.execute(tag_query):
-                    tags.setdefault(aid, {})[key] = value
-        return [
-            AdapterRecord(
-                id=r.id,
-                name=r.name,
-                version=r.version,
-                base=r.base_name,
-                base_fingerprint=r.fingerprint,
-                task=r.task,
-                format=r.format,
-                variant=r.variant,
-                rank=r.rank,
-                alpha=r.alpha,
-                target_modules=_json(r.target_modules),
-                sha256=r.sha256,
-                size=r.size,
-                created=_timestamp(r.created),
-                metadata=_json(r.metadata),
-                provenance=_json(r.provenance),
-                tags=tags.get(r.id, {}),
-            )
-            for r in rows
-        ]
+            return q.fetch_records(conn, query)
 
     # Removing ------------------------------------------------------------------------------
 
@@ -720,28 +553,6 @@ class Registry:
         return GcResult(sorted(doomed), freed, len(stale))
 
 
-def check_fits(summary: AdapterSummary, base: BaseRecord) -> None:
-    """Raise unless every adapted module is in ``base`` with its shape and in-range indices."""
-    if summary.base_fingerprint and summary.base_fingerprint != base.fingerprint:
-        raise FingerprintMismatchError(
-            f"the adapter was made for base fingerprint {summary.base_fingerprint[:12]}, "
-            f"not {base.name} ({base.fingerprint[:12]}): pass the --base it was trained on"
-        )
-    for name, mod in sorted(summary.modules.items()):
-        have = base.modules.get(name)
-        if have is None:
-            raise ShapeMismatchError(f"{base.name} has no module {name}: wrong --base?")
-        if tuple(have.shape) != tuple(mod.shape):
-            raise ShapeMismatchError(
-                f"module {name} is {mod.shape[0]}x{mod.shape[1]} in the adapter but "
-                f"{have.shape[0]}x{have.shape[1]} in {base.name}: wrong --base?"
-            )
-        if mod.indices is not None and mod.indices.size:
-            dim = mod.shape[1] if mod.variant == "fa" else mod.shape[0]
-            if mod.indices.min() < 0 or mod.indices.max() >= dim:
-                raise InvalidIndicesError(f"module {name} has indices outside [0, {dim})")
-
-
 def _region_row(module_id: int, mod: Any) -> dict[str, Any]:
     if mod.variant == "lora" or mod.indices is None:
         return {"module_id": module_id, "variant": "lora", "count": 0, "indices": None}
@@ -753,4 +564,4 @@ def _region_row(module_id: int, mod: Any) -> dict[str, Any]:
     }
 
 
-__all__: Sequence[str] = ["Registry", "check_fits"]
+__all__: Sequence[str] = ["Registry"]

@@ -1,0 +1,202 @@
+"""Read-side queries: adapter records and touched regions in bulk, from Core or driver rows.
+
+ORM loading costs tens of microseconds per row; listing 10,000 adapters or loading millions of
+(adapter, module) regions instead reads plain rows, parses JSON and timestamps directly, and
+decodes every index blob of one width with a single ``np.frombuffer``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, Select, Text, select, type_coerce
+
+from sbora_reg.errors import RegistryError
+from sbora_reg.registry import models as m
+from sbora_reg.registry.overlap import VARIANT_CODES, RegionTable
+from sbora_reg.registry.records import AdapterRecord, Region
+
+_A = m.Adapter.__table__.c
+_RAW_JSON = ("target_modules", "metadata", "provenance")
+# JSON and timestamps come back as stored (type_coerce) and are parsed by _json / _timestamp.
+_ADAPTER_COLUMNS = (
+    *(c for c in _A if c.name not in (*_RAW_JSON, "created")),
+    *(type_coerce(_A[n], Text).label(n) for n in _RAW_JSON),
+    type_coerce(_A.created, Text).label("created"),
+    m.BaseModel.name.label("base_name"),
+    m.BaseModel.fingerprint,
+)
+
+
+def adapter_select() -> Select[Any]:
+    """``SELECT`` of everything an ``AdapterRecord`` needs; add filters, then ``fetch_records``."""
+    return select(*_ADAPTER_COLUMNS)
+
+
+def _json(value: Any) -> Any:
+    """A JSON column read raw: text on SQLite, already decoded by psycopg on PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _timestamp(value: Any) -> datetime:
+    stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def fetch_records(conn: Connection, query: Select[Any]) -> list[AdapterRecord]:
+    """Run an ``adapter_select()`` query; tags are fetched in one more query."""
+    rows = conn.execute(query.join(m.BaseModel, m.BaseModel.id == m.Adapter.base_id)).all()
+    ids = [r.id for r in rows]
+    tags: dict[int, dict[str, str]] = {}
+    if ids:
+        tag_query = select(m.Tag.adapter_id, m.Tag.key, m.Tag.value)
+        if len(ids) < 500:  # else reading every tag is cheaper than a huge IN list
+            tag_query = tag_query.where(m.Tag.adapter_id.in_(ids))
+        for aid, key, value in conn.execute(tag_query):
+            tags.setdefault(aid, {})[key] = value
+    return [
+        AdapterRecord(
+            id=r.id,
+            name=r.name,
+            version=r.version,
+            base=r.base_name,
+            base_fingerprint=r.fingerprint,
+            task=r.task,
+            format=r.format,
+            variant=r.variant,
+            rank=r.rank,
+            alpha=r.alpha,
+            target_modules=_json(r.target_modules),
+            sha256=r.sha256,
+            size=r.size,
+            created=_timestamp(r.created),
+            metadata=_json(r.metadata),
+            provenance=_json(r.provenance),
+            tags=tags.get(r.id, {}),
+        )
+        for r in rows
+    ]
+
+
+def fetch_refs(conn: Connection, base_id: int) -> dict[int, str]:
+    """Adapter id -> ``name@version`` for every adapter on a base, in id order."""
+    rows = conn.execute(
+        select(_A.id, _A.name, _A.version).where(_A.base_id == base_id).order_by(_A.id)
+    ).all()
+    return {aid: f"{name}@{version}" for aid, name, version in rows}
+
+
+def _raw_rows(conn: Connection, query: Select[Any]) -> list[tuple[Any, ...]]:
+    """Rows straight from the driver cursor: millions of small rows without per-row wrappers.
+
+    Only for queries whose parameters are integers and fixed strings (rendered literally).
+    """
+    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql)
+        return [tuple(row) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Regions as flat arrays: segment i covers ``flat[starts[i]:starts[i] + counts[i]]``."""
+
+    adapter_ids: np.ndarray  # (S,) int64, non-decreasing
+    module_names: list[str]  # (S,)
+    variants: list[str]  # (S,)
+    counts: np.ndarray  # (S,) int64 (0 for lora: every cell)
+    starts: np.ndarray  # (S,) int64
+    flat: np.ndarray  # (sum(counts),) int64
+    shapes: dict[str, tuple[int, int]]  # module -> (out, in)
+
+
+def _decode_all(counts: np.ndarray, blobs: tuple[bytes | None, ...]) -> np.ndarray:
+    """Concatenated indices of every segment (``indexblob`` encoding, per-segment width)."""
+    lengths = np.array([len(b) if b is not None else 0 for b in blobs], dtype=np.int64)
+    bad = (counts > 0) & (lengths != 2 * counts) & (lengths != 4 * counts)
+    if bad.any():
+        raise RegistryError("corrupt index data in the registry: restore it from a backup")
+    starts = np.cumsum(counts) - counts
+    flat = np.empty(int(counts.sum()), dtype=np.int64)
+    for width, dtype in ((2, "<u2"), (4, "<u4")):
+        sel = np.flatnonzero((counts > 0) & (lengths == width * counts))
+        if sel.size == 0:
+            continue
+        values = np.frombuffer(b"".join(blobs[i] for i in sel), dtype=dtype)  # type: ignore[misc]
+        if sel.size == np.count_nonzero(counts):  # one width throughout: already in order
+            return values.astype(np.int64)
+        group_counts = counts[sel]
+        group_starts = np.cumsum(group_counts) - group_counts
+        flat[np.arange(values.size) + np.repeat(starts[sel] - group_starts, group_counts)] = values
+    return flat
+
+
+def fetch_packed(conn: Connection, cond: Any, join_adapters: bool) -> Packed:
+    """Regions matching ``cond`` (over regions, and adapters when joined), in two queries."""
+    r, bm = m.Region.__table__.c, m.BaseModule.__table__.c
+    query: Any = select(r.adapter_id, r.module_id, r.variant, r.count, r.indices)
+    if join_adapters:
+        query = query.join(m.Adapter.__table__, _A.id == r.adapter_id)
+    rows = _raw_rows(conn, query.where(cond).order_by(r.adapter_id, r.module_id))
+    module_ids = sorted({row[1] for row in rows})
+    mods = (
+        conn.execute(
+            select(bm.id, bm.name, bm.out_features, bm.in_features).where(bm.id.in_(module_ids))
+        ).all()
+        if module_ids
+        else []
+    )
+    names = {mid: name for mid, name, _o, _i in mods}
+    shapes = {name: (o, i) for _mid, name, o, i in mods}
+    if not rows:
+        empty = np.zeros(0, dtype=np.int64)
+        return Packed(empty, [], [], empty, empty, empty, shapes)
+    adapter_ids, mod_ids, variants, counts_t, blobs = zip(*rows, strict=True)
+    counts = np.array(counts_t, dtype=np.int64)
+    counts[np.array([b is None for b in blobs])] = 0
+    return Packed(
+        adapter_ids=np.array(adapter_ids, dtype=np.int64),
+        module_names=[names[i] for i in mod_ids],
+        variants=list(variants),
+        counts=counts,
+        starts=np.cumsum(counts) - counts,
+        flat=_decode_all(counts, blobs),
+        shapes=shapes,
+    )
+
+
+def packed_to_regions(packed: Packed) -> dict[int, dict[str, Region]]:
+    """Adapter id -> module -> ``Region`` (indices are views into ``packed.flat``)."""
+    out: dict[int, dict[str, Region]] = {}
+    ends = packed.starts + packed.counts
+    for i, (aid, mod, variant) in enumerate(
+        zip(packed.adapter_ids.tolist(), packed.module_names, packed.variants, strict=True)
+    ):
+        region = Region(variant, packed.shapes[mod], packed.flat[packed.starts[i] : ends[i]])
+        out.setdefault(aid, {})[mod] = region
+    return out
+
+
+def region_table(packed: Packed, refs: dict[int, str], base: str) -> RegionTable:
+    """``overlap.RegionTable`` of packed regions; ``refs`` (id -> name@version) names adapters."""
+    modules = sorted(packed.shapes)
+    module_pos = {name: i for i, name in enumerate(modules)}
+    adapter_pos = {aid: i for i, aid in enumerate(refs)}
+    return RegionTable.from_arrays(
+        base=base,
+        names=list(refs.values()),
+        modules=modules,
+        out=np.array([packed.shapes[n][0] for n in modules], dtype=np.int64),
+        inn=np.array([packed.shapes[n][1] for n in modules], dtype=np.int64),
+        seg_adapter=np.array([adapter_pos[a] for a in packed.adapter_ids.tolist()], np.int64),
+        seg_module=np.array([module_pos[n] for n in packed.module_names], dtype=np.int64),
+        seg_variant=np.array([VARIANT_CODES[v] for v in packed.variants], dtype=np.int8),
+        indices=(packed.flat, packed.counts),
+    )
