@@ -231,3 +231,25 @@ def test_lora_regions_listing_all_rows_are_still_every_cell() -> None:
     )
     np.testing.assert_array_equal(all_pairs(flat), ref)
     np.testing.assert_array_equal(one_vs_many(fps[1], flat).totals, [2 * SHAPE[1]] * 3)
+
+
+def test_all_pairs_dense_path_for_keys_many_adapters_share() -> None:
+    """Identical index sets (same default seed) take the dense path; answers do not change."""
+    from sbora_reg.registry import overlap
+
+    rng = np.random.default_rng(5)
+    modules = {"a": (8, 12), "b": (12, 8)}
+    fps = _random_footprints(rng, 10, modules)
+    same = {"a": reg("fa", [0, 3, 5], shape=(8, 12)), "b": reg("fb", [1, 2], shape=(12, 8))}
+    fps += [Footprint(f"seed0-{k}", "base", same) for k in range(6)]
+    ref = np.array([[compare(a, b).total if a is not b else 0 for b in fps] for a in fps])
+    table = RegionTable.from_footprints(fps)
+    np.testing.assert_array_equal(all_pairs(table), ref)
+    for dense_group, block in [(1, 1), (1, 3), (4, 4096)]:
+        got = overlap._same_axis_pairs(table, dense_group=dense_group, dense_block=block)
+        np.testing.assert_array_equal(np.rint(got), np.rint(overlap._same_axis_pairs(table)))
+    from unittest import mock
+
+    with mock.patch.object(overlap, "_dense_groups", wraps=overlap._dense_groups) as spy:
+        overlap._same_axis_pairs(table, dense_group=2)
+    assert spy.called

@@ -427,8 +427,16 @@ def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
     return ManyOverlap(query.name, table.names, np.rint(totals).astype(np.int64), True)
 
 
-def _same_axis_pairs(table: RegionTable, chunk: int = 4_000_000) -> np.ndarray:
-    """(N, N) shared cells from FA/FA and FB/FB: every two entries with one key share w cells."""
+def _same_axis_pairs(
+    table: RegionTable, chunk: int = 4_000_000, dense_group: int = 48, dense_block: int = 4096
+) -> np.ndarray:
+    """(N, N) shared cells from FA/FA and FB/FB: every two entries with one key share w cells.
+
+    Keys held by few adapters are expanded into their pairs (chunked); keys held by more than
+    ``dense_group`` adapters (e.g. many adapters trained with the same default seed) go through
+    one float64 product ``X diag(w) X^T`` per block of keys instead, which costs the same
+    whatever the group size.
+    """
     n = len(table.names)
     acc = np.zeros(n * n, dtype=np.float64)
     if table.keys.size == 0:
@@ -445,8 +453,12 @@ def _same_axis_pairs(table: RegionTable, chunk: int = 4_000_000) -> np.ndarray:
     # Entries sharing a key are contiguous; each pairs with the later ones of its group.
     new_group = np.concatenate(([True], keys[1:] != keys[:-1]))
     group_id = np.cumsum(new_group) - 1
-    group_end = np.append(np.flatnonzero(new_group)[1:], keys.size)[group_id]
-    later = group_end - np.arange(keys.size) - 1
+    group_first = np.flatnonzero(new_group)
+    group_end = np.append(group_first[1:], keys.size)
+    big = (group_end - group_first) > dense_group  # (G,)
+    if big.any():
+        _dense_groups(acc, n, owner, weight[keys], group_id, np.flatnonzero(big), dense_block)
+    later = np.where(big[group_id], 0, group_end[group_id] - np.arange(keys.size) - 1)
     pos = np.flatnonzero(later)
     later = later[pos]
     bounds = np.searchsorted(np.cumsum(later), np.arange(chunk, later.sum() + chunk, chunk))
@@ -461,6 +473,30 @@ def _same_axis_pairs(table: RegionTable, chunk: int = 4_000_000) -> np.ndarray:
         lo = hi
     same = acc.reshape(n, n)
     return same + same.T
+
+
+def _dense_groups(
+    acc: np.ndarray,
+    n: int,
+    owner: np.ndarray,
+    entry_weight: np.ndarray,
+    group_id: np.ndarray,
+    big_groups: np.ndarray,
+    block: int = 4096,
+) -> None:
+    """Add the upper-triangle pair weights of the big key groups into ``acc`` (N*N, flat)."""
+    column = np.full(int(group_id[-1]) + 1, -1, dtype=np.int64)
+    for lo in range(0, big_groups.size, block):
+        groups = big_groups[lo : lo + block]
+        column[groups] = np.arange(groups.size)
+        sel = np.flatnonzero(column[group_id] >= 0)
+        x = np.zeros((n, groups.size))  # (N, keys in block): adapter holds key
+        x[owner[sel], column[group_id[sel]]] = 1.0
+        w = np.zeros(groups.size)
+        w[column[group_id[sel]]] = entry_weight[sel]
+        product = (x * w) @ x.T  # (N, N) symmetric, diagonal = own cells
+        acc += np.triu(product, k=1).reshape(-1)
+        column[groups] = -1
 
 
 def all_pairs(table: RegionTable) -> np.ndarray:
