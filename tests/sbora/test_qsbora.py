@@ -202,11 +202,12 @@ def test_fa_adapter_term_is_exact_and_never_dequantises(checkpoint, monkeypatch)
 
     base_calls, x, _ = run(layer.base_layer)
     wrapper_calls, _, _ = run(layer)
-    assert wrapper_calls == base_calls  # the adapter term adds no dequantisation, fwd or bwd
+    assert base_calls > 0  # the counter sees the base's own dequantisation (backward)
+    assert wrapper_calls == base_calls  # the adapter term adds none, forward or backward
     with torch.no_grad():
         x = torch.randn(4, 64)
         expected = layer.base_layer(x) + layer.scale * x[:, layer.sbora_idx] @ layer.sbora_B.T
-        assert torch.equal(layer(x), expected)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- training
