@@ -11,7 +11,7 @@ the start of the step (activations, gradients, optimiser state, transient dequan
 glibc is told to return large blocks at once (MALLOC_MMAP_THRESHOLD_), so one method's freed
 memory does not hide the other's. On CUDA the allocator's own peak is used instead.
 
-    .venv/bin/python benchmarks/qsbora.py            # ~2-3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/qsbora.py            # about 3 minutes on 2 CPU cores
     .venv/bin/python benchmarks/qsbora.py --help
 """
 
