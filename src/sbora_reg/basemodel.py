@@ -46,7 +46,8 @@ def prepare_base(target: Path, dtype: torch.dtype = torch.float32) -> Path:
     config = loaded.config
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
     config.__dict__.pop("quantization_config", None)
-    plain = LlamaForCausalLM(config).to(dtype)
+    plain = LlamaForCausalLM(config)  # type: ignore[arg-type]
+    plain.to(dtype=dtype)
     plain.load_state_dict(loaded.state_dict())
     tmp = target.with_name(target.name + ".tmp")
     plain.save_pretrained(tmp)

@@ -148,7 +148,7 @@ def run_demo(
         )
         model = _load(base)
         config = sbora.SBoRAConfig(
-            variant="fa", r=cfg.rank, alpha=2 * cfg.rank, target_modules=list(cfg.targets)
+            variant="fa", r=cfg.rank, alpha=2 * cfg.rank, target_modules=tuple(cfg.targets)
         )
         model = sbora.inject(model, config, indices=alloc.path)
         hook = (lambda s, loss, n=skill.name: on_step(n, s, cfg.steps, loss)) if on_step else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from sbora_reg.cli import main
@@ -50,7 +50,7 @@ def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
         console=console,
         transient=True,
     ) as progress:
-        bars: dict[str, int] = {}
+        bars: dict[str, TaskID] = {}
 
         def on_step(skill: str, step: int, total: int, loss: float) -> None:
             if skill not in bars:
