@@ -47,7 +47,7 @@ def prepare_base(target: Path, dtype: torch.dtype = torch.float32) -> Path:
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
     config.__dict__.pop("quantization_config", None)
     plain = LlamaForCausalLM(config)  # type: ignore[arg-type]
-    plain.to(dtype=dtype)
+    plain.to(dtype=dtype)  # type: ignore[call-arg]
     plain.load_state_dict(loaded.state_dict())
     tmp = target.with_name(target.name + ".tmp")
     plain.save_pretrained(tmp)
