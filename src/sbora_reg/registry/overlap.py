@@ -388,43 +388,40 @@ def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
         reason = "different base models: never compared"
         return ManyOverlap(query.name, table.names, np.zeros(n, np.int64), False, reason)
     qv_m, qc_m, qcells_m, bitmap = _query_arrays(query, table)
-    # Same-variant intersections: per module the query touches, gather only the keys of that
-    # module's segments of the query's variant (one contiguous block, a cache-local bitmap range).
-    inter = np.zeros(len(table.seg_count), dtype=np.int64)
-    for m in np.flatnonzero((qv_m == FA) | (qv_m == FB)).tolist():
-        block = 3 * m + int(qv_m[m])
-        s0, s1 = int(table.block_start[block]), int(table.block_start[block + 1])
-        if s0 == s1:
+    # Per module the query touches, each (module, variant) block of segments is one contiguous
+    # slice, so every term below is a slice operation; nothing runs over all segments but the sum.
+    shared = np.zeros(len(table.seg_count), dtype=np.int64)
+    bs, ss = table.block_start, table.seg_start
+    for m in np.flatnonzero(qv_m >= 0).tolist():
+        q = int(qv_m[m])
+        out, inn = int(table.out[m]), int(table.inn[m])
+        if q == LORA:  # every cell: the other's cells on this module, whatever its variant
+            s0, s1 = int(bs[3 * m]), int(bs[3 * m + 3])
+            shared[s0:s1] = _block_cells(table, s0, s1, out, inn)
             continue
-        e0, e1 = int(table.seg_start[s0]), int(table.seg_start[s1])
-        hits = bitmap[table.keys[e0:e1]]  # (entries,) does this entry hit the query's set
-        nonempty = np.flatnonzero(table.seg_count[s0:s1] > 0)
-        if nonempty.size == s1 - s0:  # the usual case: every segment has indices
-            inter[s0:s1] = np.add.reduceat(hits, table.seg_start[s0:s1] - e0, dtype=np.int64)
-        elif nonempty.size:
-            starts = table.seg_start[s0:s1][nonempty] - e0
-            inter[s0 + nonempty] = np.add.reduceat(hits, starts, dtype=np.int64)
-    seg_m = table.seg_module
-    qv, qc, qcells = qv_m[seg_m], qc_m[seg_m], qcells_m[seg_m]
-    v, c = table.seg_variant, table.seg_count
-    o, i = table.out[seg_m], table.inn[seg_m]
-    shared = np.select(
-        [
-            qv < 0,
-            (qv == LORA) | (v == LORA),
-            (qv == FA) & (v == FA),
-            (qv == FB) & (v == FB),
-        ],
-        [
-            0,
-            np.where(qv == LORA, table._seg_cells(), qcells),
-            inter * o,
-            inter * i,
-        ],
-        default=qc * c,  # FA x FB: |R| * |C|
-    )
+        same0, same1 = int(bs[3 * m + q]), int(bs[3 * m + q + 1])
+        if same0 < same1:  # FA/FA: out * |C1 & C2|; FB/FB: |R1 & R2| * in
+            e0, e1 = int(ss[same0]), int(ss[same1])
+            hits = bitmap[table.keys[e0:e1]]  # (entries,) does this entry hit the query's set
+            inter = np.zeros(same1 - same0, dtype=np.int64)
+            nonempty = np.flatnonzero(table.seg_count[same0:same1] > 0)
+            if nonempty.size:
+                starts = ss[same0:same1][nonempty] - e0
+                inter[nonempty] = np.add.reduceat(hits, starts, dtype=np.int64)
+            shared[same0:same1] = inter * (out if q == FA else inn)
+        other = FB if q == FA else FA
+        x0, x1 = int(bs[3 * m + other]), int(bs[3 * m + other + 1])
+        shared[x0:x1] = int(qc_m[m]) * table.seg_count[x0:x1]  # FA x FB: |R| * |C|
+        l0, l1 = int(bs[3 * m + LORA]), int(bs[3 * m + LORA + 1])
+        shared[l0:l1] = int(qcells_m[m])  # vs LoRA: the query's cells
     totals = np.bincount(table.seg_adapter, weights=shared, minlength=n)
     return ManyOverlap(query.name, table.names, np.rint(totals).astype(np.int64), True)
+
+
+def _block_cells(table: RegionTable, s0: int, s1: int, out: int, inn: int) -> np.ndarray:
+    """Cells each segment ``s0:s1`` (all of one module) touches."""
+    v, c = table.seg_variant[s0:s1], table.seg_count[s0:s1]
+    return np.where(v == FA, out * c, np.where(v == FB, c * inn, out * inn))
 
 
 def _same_axis_pairs(
