@@ -253,3 +253,35 @@ def test_all_pairs_dense_path_for_keys_many_adapters_share() -> None:
     with mock.patch.object(overlap, "_dense_groups", wraps=overlap._dense_groups) as spy:
         overlap._same_axis_pairs(table, dense_group=2)
     assert spy.called
+
+
+def test_from_arrays_reorders_fixed_rank_segments() -> None:
+    rng = np.random.default_rng(11)
+    shapes = {"a": (8, 12), "b": (12, 8)}
+    fps = []
+    for k in range(9):
+        regions = {}
+        for name, shape in shapes.items():
+            variant = "fa" if (k + len(name)) % 2 else "fb"
+            dim = shape[1] if variant == "fa" else shape[0]
+            regions[name] = Region(variant, shape, np.sort(rng.choice(dim, 3, replace=False)))
+        fps.append(Footprint(f"f{k}", "base", regions))
+    ref = np.array([[compare(a, b).total if a is not b else 0 for b in fps] for a in fps])
+    segs = [(a, m, fp.regions[name]) for a, fp in enumerate(fps) for m, name in enumerate(shapes)]
+    segs = segs[::-1]  # adapter order reversed: the packer must move rows of indices
+    table = RegionTable.from_arrays(
+        base="base",
+        names=[fp.name for fp in fps],
+        modules=list(shapes),
+        out=np.array([8, 12]),
+        inn=np.array([12, 8]),
+        seg_adapter=np.array([a for a, _, _ in segs]),
+        seg_module=np.array([m for _, m, _ in segs]),
+        seg_variant=np.array([0 if r.variant == "fa" else 1 for _, _, r in segs]),
+        indices=(np.concatenate([r.indices for _, _, r in segs]), np.full(len(segs), 3)),
+    )
+    np.testing.assert_array_equal(all_pairs(table), ref)
+    for j, fp in enumerate(fps):
+        expected = ref[j].copy()
+        expected[j] = sum(touched_cells(r) for r in fp.regions.values())
+        np.testing.assert_array_equal(one_vs_many(fp, table).totals, expected)

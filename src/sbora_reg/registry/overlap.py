@@ -293,11 +293,13 @@ class RegionTable:
         block = seg_module * 3 + seg_variant
         order = np.lexsort((seg_adapter, block))
         if np.any(order != np.arange(order.size)):
-            # Move each segment's run of indices to its new place, in one gather.
-            old_start = np.concatenate(([0], np.cumsum(counts)[:-1]))[order]
+            if counts.size and np.all(counts == counts[0]):  # one rank throughout: move rows
+                flat = flat.reshape(counts.size, -1)[order].reshape(-1)
+            else:  # move each segment's run of indices to its new place, in one gather
+                old_start = np.concatenate(([0], np.cumsum(counts)[:-1]))[order]
+                new_start = np.concatenate(([0], np.cumsum(counts[order])[:-1]))
+                flat = flat[np.repeat(old_start - new_start, counts[order]) + np.arange(flat.size)]
             counts = counts[order]
-            new_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
-            flat = flat[np.repeat(old_start - new_start, counts) + np.arange(flat.size)]
             seg_adapter, seg_module = seg_adapter[order], seg_module[order]
             seg_variant, block = seg_variant[order], block[order]
         out, inn = np.asarray(out, dtype=np.int64), np.asarray(inn, dtype=np.int64)
@@ -315,17 +317,22 @@ class RegionTable:
             seg_start=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
             block_start=np.searchsorted(block, np.arange(3 * len(modules) + 1)).astype(np.int64),
         )
-        seg_dim = np.where(seg_variant == FA, inn[seg_module], out[seg_module])
-        entry_seg = np.repeat(np.arange(len(counts)), counts)
-        if flat.size and (np.any(flat < 0) or np.any(flat >= seg_dim[entry_seg])):
-            raise ShapeMismatchError("a region index is out of range for its module")
-        # FA keys live in the module's column space, FB keys in its row space.
-        seg_base = np.where(
-            seg_variant == FA, table.col_offset[seg_module], table.row_offset[seg_module]
-        )
-        keys = flat + seg_base[entry_seg]
         # int32 halves the memory traffic of the gathers whenever the key space allows it.
-        table.keys = keys.astype(np.int32) if table.space_size < 2**31 else keys
+        keys = np.empty(flat.size, dtype=np.int32 if table.space_size < 2**31 else np.int64)
+        row_off, col_off = table.row_offset, table.col_offset
+        for block in np.flatnonzero(np.diff(table.block_start)).tolist():
+            m, code = divmod(block, 3)
+            if code == LORA:
+                continue
+            s0, s1 = table.block_start[block], table.block_start[block + 1]
+            e0, e1 = table.seg_start[s0], table.seg_start[s1]
+            part = flat[e0:e1]
+            # FA keys live in the module's column space, FB keys in its row space.
+            dim, offset = (inn[m], col_off[m]) if code == FA else (out[m], row_off[m])
+            if part.size and (part.min() < 0 or part.max() >= dim):
+                raise ShapeMismatchError(f"a region index is out of range for {modules[m]}")
+            keys[e0:e1] = part + offset
+        table.keys = keys
         return table
 
     def index_of(self, name: str) -> int:
