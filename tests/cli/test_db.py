@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from sbora_reg import migrations
@@ -36,3 +37,18 @@ def test_upgrade_from_first_revision(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--db", str(db), "db", "upgrade"])
     assert result.exit_code == 0
     assert f"{first} -> {migrations.head_revision()}" in result.output
+
+
+@pytest.mark.parametrize(
+    "db",
+    ["mysql://nobody@127.0.0.1/x", "postgresql://::bad", "postgresql+psycopg://u@127.0.0.1:1/x"],
+)
+def test_unusable_database_is_one_error_line(db: str, tmp_path: Path) -> None:
+    result = CliRunner(env={"SBORA_REG_HOME": str(tmp_path)}).invoke(main, ["--db", db, "list"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+
+
+def test_directory_as_database_is_an_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--db", str(tmp_path), "db", "current"])
+    assert result.exit_code == 1 and result.output.startswith("Error: ")

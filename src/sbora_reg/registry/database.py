@@ -11,7 +11,6 @@ transaction-scoped advisory lock, so writers are serialised exactly as on SQLite
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +59,10 @@ def locate(url_or_path: str | os.PathLike[str] | None, data_dir: Path | None = N
     if url_or_path is None:
         path = home_dir() / "sbora-reg.db"
     elif "://" in str(url_or_path):
-        url = make_url(str(url_or_path))
+        try:
+            url = make_url(str(url_or_path))
+        except (exc.ArgumentError, ValueError) as err:
+            raise RegistryError(f"bad database URL {str(url_or_path)!r}: {err}") from err
         if url.get_backend_name() != "sqlite":
             return Location(url, None, data_dir or home_dir())
         if not url.database or url.database == ":memory:":
@@ -71,6 +73,10 @@ def locate(url_or_path: str | os.PathLike[str] | None, data_dir: Path | None = N
     path = path.expanduser().absolute()
     url = URL.create("sqlite+pysqlite", database=str(path))
     return Location(url, path, data_dir or Path(f"{path}.d"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _setup_sqlite(engine: Engine, busy_timeout_s: float) -> None:
@@ -102,7 +108,13 @@ class Database:
             self.engine = create_engine(location.url, connect_args={"timeout": busy_timeout_s})
             _setup_sqlite(self.engine, busy_timeout_s)
         else:
-            self.engine = create_engine(location.url, pool_pre_ping=True)
+            try:
+                self.engine = create_engine(location.url, pool_pre_ping=True)
+            except (exc.ArgumentError, ImportError) as err:
+                raise RegistryError(
+                    f"cannot open the registry {location.display}: {_one_line(str(err))}; use a "
+                    "SQLite path or a postgresql+psycopg:// URL"
+                ) from err
         self.write_engine = self.engine.execution_options(**{_WRITE_OPTION: True})
 
     def dispose(self) -> None:
@@ -117,16 +129,14 @@ class Database:
             raise self._operational_error(err) from err
 
     def _operational_error(self, err: exc.OperationalError) -> RegistryError:
-        msg = str(err.orig)
+        msg = _one_line(str(err.orig))
         lowered = msg.lower()
         if "locked" in lowered or "busy" in lowered or "lock timeout" in lowered:
             return DatabaseBusyError(
                 f"the registry {self.location.display} stayed locked by another writer for "
                 f"{self.busy_timeout_s:g} s: retry when it is done"
             )
-        if isinstance(err.orig, sqlite3.OperationalError):
-            return RegistryError(f"cannot use the registry {self.location.display}: {msg}")
-        return RegistryError(f"cannot use the registry {self.location.display}: {msg.strip()}")
+        return RegistryError(f"cannot use the registry {self.location.display}: {msg}")
 
     @contextmanager
     def read(self) -> Iterator[Session]:
