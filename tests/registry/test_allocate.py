@@ -38,8 +38,9 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def registry(tmp_path: Path, base_dir: Path) -> Registry:
-    reg = Registry.open(tmp_path / "reg.db")
+def registry(db_url: str, tmp_path: Path, base_dir: Path) -> Registry:
+    """A registry with the tiny base, on SQLite and (when configured) PostgreSQL."""
+    reg = Registry.open(db_url, data_dir=tmp_path / "data")
     reg.add_base(base_dir)
     yield reg
     reg.close()
@@ -211,8 +212,8 @@ def test_consume_requires_exact_match(registry: Registry, base_dir: Path) -> Non
     # (Matching is only checked here; the adapter id would be a real adapter in production.)
 
 
-def _worker(db: str, base: str, seed: int, queue: mp.Queue, start: object) -> None:
-    reg = Registry.open(db)
+def _worker(db: str, data: str, base: str, seed: int, queue: mp.Queue, start: object) -> None:
+    reg = Registry.open(db, data_dir=data)
     try:
         start.wait(timeout=60)  # type: ignore[attr-defined]  # all allocate at the same moment
         got = []
@@ -229,14 +230,15 @@ def _worker(db: str, base: str, seed: int, queue: mp.Queue, start: object) -> No
 
 
 def test_concurrent_allocations_never_share_an_index(
-    registry: Registry, base_dir: Path, tmp_path: Path
+    registry: Registry, db_url: str, base_dir: Path, tmp_path: Path
 ) -> None:
-    db = str(tmp_path / "reg.db")
+    db, data = db_url, str(tmp_path / "data")
     # fork: the children reuse the imported modules (spawn would import torch four times).
     ctx = mp.get_context("fork")
     queue, start = ctx.Queue(), ctx.Barrier(4)
     procs = [
-        ctx.Process(target=_worker, args=(db, str(base_dir), s, queue, start)) for s in range(4)
+        ctx.Process(target=_worker, args=(db, data, str(base_dir), s, queue, start))
+        for s in range(4)
     ]
     for p in procs:
         p.start()
