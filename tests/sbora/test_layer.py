@@ -167,6 +167,21 @@ def test_merge_changes_only_the_region_and_unmerge_is_exact(
     assert torch.equal(w_out_in(layer.base_layer), w0)
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "bf16-base-fp32-factor"])
+@pytest.mark.parametrize("variant", ["fa", "fb"])
+def test_no_grad_forward_equals_autograd_forward(variant: str, mixed: bool) -> None:
+    # without autograd the update is added in place into the fresh base output
+    _, layer, _ = make_layer(variant, 4, seed=8)
+    if mixed:
+        layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(2, 3, IN, dtype=torch.bfloat16 if mixed else torch.float32)
+    with_grad = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), with_grad)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), with_grad)
+
+
 @pytest.mark.parametrize("variant", ["fa", "fb"])
 def test_merged_forward_matches_unmerged(variant: str) -> None:
     _, layer, _ = make_layer(variant, 8, seed=2)

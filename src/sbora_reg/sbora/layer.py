@@ -139,19 +139,25 @@ class SBoRALayer(nn.Module):
 
     def _forward_fa(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b = self.sbora_B  # (out, r)
-        xs = self.sbora_dropout(x.index_select(-1, self.sbora_idx)).to(b.dtype)  # (..., r)
+        # gather on a 2-D view: faster than index_select on the last dim of a 3-D tensor
+        xs = x.reshape(-1, x.shape[-1]).index_select(1, self.sbora_idx)  # (N, r)
+        xs = self.sbora_dropout(xs).to(b.dtype)
+        y2 = y.reshape(-1, y.shape[-1])  # (N, out)
+        inplace = not torch.is_grad_enabled()  # y is our own fresh tensor: no new (N, out)
         if y.dtype == b.dtype:
             # one fused kernel: y + s · xs @ B.T
-            flat = torch.addmm(
-                y.reshape(-1, y.shape[-1]), xs.reshape(-1, xs.shape[-1]), b.T, alpha=self.scale
-            )
-            return flat.view(y.shape)
-        return y + (F.linear(xs, b) * self.scale).to(y.dtype)
+            if inplace:
+                return y2.addmm_(xs, b.T, alpha=self.scale).view(y.shape)
+            return torch.addmm(y2, xs, b.T, alpha=self.scale).view(y.shape)
+        d = (F.linear(xs, b) * self.scale).to(y.dtype)
+        return (y2.add_(d) if inplace else y2 + d).view(y.shape)
 
     def _forward_fb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.sbora_A  # (r, in)
         h = F.linear(self.sbora_dropout(x).to(a.dtype), a).to(y.dtype)  # (..., r)
-        # out-of-place so autograd sees y and h separately
+        if not torch.is_grad_enabled():
+            return y.index_add_(-1, self.sbora_idx, h, alpha=self.scale)
+        # out-of-place under autograd: the base output stays untouched
         return y.index_add(-1, self.sbora_idx, h, alpha=self.scale)
 
     # ---- merge -------------------------------------------------------------------------------
