@@ -67,12 +67,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="number of adapters (10,000)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the registry here")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure list/show/size on the registry already in --workdir (no adds)",
+    )
     args = parser.parse_args()
+    if args.reuse and args.workdir is None:
+        parser.error("--reuse needs --workdir")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sbora-reg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     db_path = work / "registry.db"
     reg = Registry.open(db_path)
-    base = reg.add_base(str(make_base(work / "base")))
+    base_dir = work / "base" if args.reuse else make_base(work / "base")
+    base = reg.add_base(str(base_dir))
     shapes = {
         n: m.shape
         for n, m in base.modules.items()
@@ -81,8 +89,12 @@ def main() -> None:
     assert len(shapes) == LAYERS * len(TARGETS), len(shapes)
     rng = np.random.default_rng(0)
 
-    add_ms, add_cpu_ms = [], []
-    for i in range(args.n):
+    add_ms, add_cpu_ms = [float("nan")], [float("nan")]
+    if args.reuse:
+        args.n = len(reg.list())
+    else:
+        add_ms, add_cpu_ms = [], []
+    for i in range(0 if args.reuse else args.n):
         summary = synthetic(shapes, rng)
         sha = hashlib.sha256(f"adapter-{i}".encode()).hexdigest()
         reg.blobs.path(sha).mkdir(parents=True, exist_ok=True)  # stands in for staged files

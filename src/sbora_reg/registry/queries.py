@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,25 @@ from sbora_reg.registry.records import AdapterRecord, Region
 
 _A = m.Adapter.__table__.c
 _RAW_JSON = ("target_modules", "metadata", "provenance")
-# JSON and timestamps come back as stored (type_coerce) and are parsed by _json / _timestamp.
+# Fixed order, unpacked positionally in fetch_records. JSON and timestamps come back as stored
+# (type_coerce) and are parsed by _json / _timestamp.
 _ADAPTER_COLUMNS = (
-    *(c for c in _A if c.name not in (*_RAW_JSON, "created")),
-    *(type_coerce(_A[n], Text).label(n) for n in _RAW_JSON),
-    type_coerce(_A.created, Text).label("created"),
+    _A.id,
+    _A.name,
+    _A.version,
     m.BaseModel.name.label("base_name"),
     m.BaseModel.fingerprint,
+    _A.task,
+    _A.format,
+    _A.variant,
+    _A.rank,
+    _A.alpha,
+    type_coerce(_A.target_modules, Text).label("target_modules"),
+    _A.sha256,
+    _A.size,
+    type_coerce(_A.created, Text).label("created"),
+    type_coerce(_A.metadata, Text).label("metadata"),
+    type_coerce(_A.provenance, Text).label("provenance"),
 )
 
 
@@ -37,9 +50,21 @@ def adapter_select() -> Select[Any]:
     return select(*_ADAPTER_COLUMNS)
 
 
+@lru_cache(maxsize=4096)
+def _json_text(text: str) -> Any:
+    return json.loads(text)
+
+
 def _json(value: Any) -> Any:
-    """A JSON column read raw: text on SQLite, already decoded by psycopg on PostgreSQL."""
-    return json.loads(value) if isinstance(value, str) else value
+    """A JSON column read raw: text on SQLite, already decoded by psycopg on PostgreSQL.
+
+    Parsed values are cached by their text (most adapters share target lists and empty dicts)
+    and copied one level deep, so no two records share a container.
+    """
+    parsed = _json_text(value) if isinstance(value, str) else value
+    if isinstance(parsed, dict):
+        return dict(parsed)
+    return list(parsed) if isinstance(parsed, list) else parsed
 
 
 def _timestamp(value: Any) -> datetime:
@@ -50,35 +75,52 @@ def _timestamp(value: Any) -> datetime:
 def fetch_records(conn: Connection, query: Select[Any]) -> list[AdapterRecord]:
     """Run an ``adapter_select()`` query; tags are fetched in one more query."""
     rows = conn.execute(query.join(m.BaseModel, m.BaseModel.id == m.Adapter.base_id)).all()
-    ids = [r.id for r in rows]
+    ids = [r[0] for r in rows]
     tags: dict[int, dict[str, str]] = {}
     if ids:
         tag_query = select(m.Tag.adapter_id, m.Tag.key, m.Tag.value)
         if len(ids) < 500:  # else reading every tag is cheaper than a huge IN list
             tag_query = tag_query.where(m.Tag.adapter_id.in_(ids))
-        for aid, key, value in conn.execute(tag_query):
+        for aid, key, value in conn.execute(tag_query).all():
             tags.setdefault(aid, {})[key] = value
     return [
         AdapterRecord(
-            id=r.id,
-            name=r.name,
-            version=r.version,
-            base=r.base_name,
-            base_fingerprint=r.fingerprint,
-            task=r.task,
-            format=r.format,
-            variant=r.variant,
-            rank=r.rank,
-            alpha=r.alpha,
-            target_modules=_json(r.target_modules),
-            sha256=r.sha256,
-            size=r.size,
-            created=_timestamp(r.created),
-            metadata=_json(r.metadata),
-            provenance=_json(r.provenance),
-            tags=tags.get(r.id, {}),
+            id=aid,
+            name=name,
+            version=version,
+            base=base_name,
+            base_fingerprint=fingerprint,
+            task=task,
+            format=fmt,
+            variant=variant,
+            rank=rank,
+            alpha=alpha,
+            target_modules=_json(targets),
+            sha256=sha,
+            size=size,
+            created=_timestamp(created),
+            metadata=_json(metadata),
+            provenance=_json(provenance),
+            tags=tags.get(aid, {}),
         )
-        for r in rows
+        for (
+            aid,
+            name,
+            version,
+            base_name,
+            fingerprint,
+            task,
+            fmt,
+            variant,
+            rank,
+            alpha,
+            targets,
+            sha,
+            size,
+            created,
+            metadata,
+            provenance,
+        ) in rows
     ]
 
 
