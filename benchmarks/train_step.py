@@ -19,7 +19,7 @@ keeps freed pages and made the configs differ by allocator noise.
 
     python benchmarks/train_step.py            # 10 rounds
     python benchmarks/train_step.py --quick    # 3 rounds, 1 memory step
-    python benchmarks/train_step.py --steps 20
+    python benchmarks/train_step.py --steps 20 --threads 1
 """
 
 from __future__ import annotations
@@ -201,8 +201,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed rounds (default 10, quick 3)")
     ap.add_argument("--quick", action="store_true", help="3 rounds and 1 memory step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        # on a shared CPU, a second OpenMP thread that gets descheduled stalls every small matmul
+        torch.set_num_threads(args.threads)
     rounds = args.steps or (3 if args.quick else 10)
     mem_steps = 1 if args.quick else 2
 
@@ -229,6 +235,12 @@ def main() -> None:
             a / b for a, b in zip(times[kind], times["lora"], strict=True)
         )
         print(f"  {kind:7s} {med[kind]:9.4f} {med[kind] / med['lora']:8.3f} {per_round:28.3f}")
+
+    over = {k: med[k] - med["frozen"] for k in ("lora", "fa", "fb")}
+    print(
+        "  adapter cost above the frozen model: "
+        + ", ".join(f"{k} {over[k] / over['lora']:.2f}x LoRA's" for k in ("fa", "fb"))
+    )
 
     plain = base_model(device)
     infer = interleave(
