@@ -70,27 +70,14 @@ def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
 
 def _render(report) -> None:  # type: ignore[no-untyped-def]
     table = Table(title="How much of each skill survived composition (held-out examples)")
-    for col in (
-        "skill",
-        "base loss",
-        "alone loss",
-        "composed loss",
-        "base exact",
-        "alone exact",
-        "composed exact",
-        "retained",
-    ):
-        table.add_column(col, justify="right" if col != "skill" else "left")
+    for col in ("skill", "loss: base → alone → composed", "exact: base → alone → composed", "kept"):
+        table.add_column(col, justify="left" if col == "skill" else "right")
     for row in report.rows:
         kept = "n/a" if math.isnan(row.retention) else f"{row.retention:.0%}"
         table.add_row(
             row.skill,
-            f"{row.base.loss:.3f}",
-            f"{row.alone.loss:.3f}",
-            f"{row.composed.loss:.3f}",
-            f"{row.base.exact:.0%}",
-            f"{row.alone.exact:.0%}",
-            f"{row.composed.exact:.0%}",
+            f"{row.base.loss:.3f} → {row.alone.loss:.3f} → {row.composed.loss:.3f}",
+            f"{row.base.exact:.0%} → {row.alone.exact:.0%} → {row.composed.exact:.0%}",
             kept,
         )
     console = Console()
