@@ -156,6 +156,28 @@ class Region(Base):
     indices: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
+class Footprint(Base):
+    """Every region of one adapter in one row, so bulk overlap reads one row per adapter.
+
+    Written in the same transaction as the adapter's ``regions`` rows and equal to them:
+    ``modules`` int32 module ids in increasing order, ``variants`` one uint8 code each
+    (0 fa, 1 fb, 2 lora), ``counts`` int32 index counts (0 for lora), and ``indices`` every
+    module's sorted indices concatenated in that order, ``width`` bytes each (2: uint16 when
+    every index is below 65536, else 4: uint32), all little-endian.
+    """
+
+    __tablename__ = "footprints"
+
+    adapter_id: Mapped[int] = mapped_column(
+        ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True
+    )
+    modules: Mapped[bytes] = mapped_column(LargeBinary)
+    variants: Mapped[bytes] = mapped_column(LargeBinary)
+    counts: Mapped[bytes] = mapped_column(LargeBinary)
+    width: Mapped[int] = mapped_column(Integer)
+    indices: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Reservation(Base):
     """Indices handed out by ``allocate`` to a task before its adapter exists."""
 

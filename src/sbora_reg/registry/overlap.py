@@ -278,8 +278,10 @@ class RegionTable:
         Segments are sorted by (module, variant, adapter) so that one module's same-variant keys
         are contiguous; LoRA segments carry no indices.
         """
-        if isinstance(indices, tuple):
-            flat, counts = (np.asarray(x, dtype=np.int64) for x in indices)
+        if isinstance(indices, tuple):  # any integer dtype: uint16 stays uint16 until keyed
+            flat, counts = np.asarray(indices[0]), np.asarray(indices[1], dtype=np.int64)
+            if flat.dtype.kind not in "iu":
+                flat = flat.astype(np.int64)
         else:
             counts = np.array([len(x) for x in indices], dtype=np.int64)
             flat = np.concatenate(list(indices)) if len(indices) else np.zeros(0, np.int64)
@@ -291,7 +293,7 @@ class RegionTable:
             keep = np.repeat(seg_variant != LORA, counts)
             flat, counts = flat[keep], np.where(seg_variant == LORA, 0, counts)
         block = seg_module * 3 + seg_variant
-        order = np.lexsort((seg_adapter, block))
+        order = _block_order(block, seg_adapter)
         if np.any(order != np.arange(order.size)):
             if counts.size and np.all(counts == counts[0]):  # one rank throughout: move rows
                 flat = flat.reshape(counts.size, -1)[order].reshape(-1)
@@ -329,7 +331,7 @@ class RegionTable:
             part = flat[e0:e1]
             # FA keys live in the module's column space, FB keys in its row space.
             dim, offset = (inn[m], col_off[m]) if code == FA else (out[m], row_off[m])
-            if part.size and (part.min() < 0 or part.max() >= dim):
+            if part.size and ((part.dtype.kind == "i" and part.min() < 0) or part.max() >= dim):
                 raise ShapeMismatchError(f"a region index is out of range for {modules[m]}")
             keys[e0:e1] = part + offset
         table.keys = keys
@@ -342,6 +344,18 @@ class RegionTable:
         o, i = self.out[self.seg_module], self.inn[self.seg_module]
         v, c = self.seg_variant, self.seg_count
         return np.where(v == FA, o * c, np.where(v == FB, c * i, o * i))
+
+
+def _block_order(block: np.ndarray, seg_adapter: np.ndarray) -> np.ndarray:
+    """Permutation sorting segments by (block, adapter).
+
+    Segments usually arrive adapter by adapter; then a stable sort on the block alone is enough,
+    and on 16-bit keys numpy's stable sort is a radix sort (linear time).
+    """
+    if seg_adapter.size and (np.diff(seg_adapter) >= 0).all():
+        small = block.size == 0 or int(block.max()) < 2**16
+        return np.argsort(block.astype(np.uint16) if small else block, kind="stable")
+    return np.lexsort((seg_adapter, block))
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import numpy as np
 from sqlalchemy import Connection, Select, Text, select, type_coerce
 
 from sbora_reg.errors import RegistryError
+from sbora_reg.registry import footprints
 from sbora_reg.registry import models as m
-from sbora_reg.registry.overlap import VARIANT_CODES, RegionTable
+from sbora_reg.registry.overlap import RegionTable
 from sbora_reg.registry.records import AdapterRecord, Region
 
 _A = m.Adapter.__table__.c
@@ -226,19 +227,45 @@ def packed_to_regions(packed: Packed) -> dict[int, dict[str, Region]]:
     return out
 
 
-def region_table(packed: Packed, refs: dict[int, str], base: str) -> RegionTable:
-    """``overlap.RegionTable`` of packed regions; ``refs`` (id -> name@version) names adapters."""
-    modules = sorted(packed.shapes)
-    module_pos = {name: i for i, name in enumerate(modules)}
-    adapter_pos = {aid: i for i, aid in enumerate(refs)}
+def fetch_region_table(conn: Connection, base_id: int, fingerprint: str) -> RegionTable:
+    """``overlap.RegionTable`` of every adapter on a base (names are refs), from footprints.
+
+    One row per adapter; the segments are decoded and renumbered with whole-array numpy only.
+    """
+    f, bm = m.Footprint.__table__.c, m.BaseModule.__table__.c
+    refs = fetch_refs(conn, base_id)
+    rows = conn.execute(
+        select(f.adapter_id, f.modules, f.variants, f.counts, f.width, f.indices)
+        .join(m.Adapter.__table__, _A.id == f.adapter_id)
+        .where(_A.base_id == base_id)
+        .order_by(f.adapter_id)
+    ).all()
+    decoded = footprints.decode([row[1:] for row in rows])
+    ref_ids = np.fromiter(refs, dtype=np.int64, count=len(refs))  # increasing
+    row_pos = np.searchsorted(ref_ids, np.array([row[0] for row in rows], dtype=np.int64))
+    present = np.zeros(int(decoded.module_ids.max(initial=-1)) + 1, dtype=bool)
+    present[decoded.module_ids] = True
+    used = np.flatnonzero(present).tolist()
+    mods = (
+        conn.execute(
+            select(bm.id, bm.name, bm.out_features, bm.in_features).where(bm.id.in_(used))
+        ).all()
+        if used
+        else []
+    )
+    if len(mods) != len(used):
+        raise RegistryError("corrupt footprint data in the registry: restore it from a backup")
+    mods.sort(key=lambda row: row[1])
+    lookup = np.zeros(present.size, dtype=np.int64)  # module id -> position in the table
+    lookup[[row[0] for row in mods]] = np.arange(len(mods))
     return RegionTable.from_arrays(
-        base=base,
+        base=fingerprint,
         names=list(refs.values()),
-        modules=modules,
-        out=np.array([packed.shapes[n][0] for n in modules], dtype=np.int64),
-        inn=np.array([packed.shapes[n][1] for n in modules], dtype=np.int64),
-        seg_adapter=np.array([adapter_pos[a] for a in packed.adapter_ids.tolist()], np.int64),
-        seg_module=np.array([module_pos[n] for n in packed.module_names], dtype=np.int64),
-        seg_variant=np.array([VARIANT_CODES[v] for v in packed.variants], dtype=np.int8),
-        indices=(packed.flat, packed.counts),
+        modules=[row[1] for row in mods],
+        out=np.array([row[2] for row in mods], dtype=np.int64),
+        inn=np.array([row[3] for row in mods], dtype=np.int64),
+        seg_adapter=row_pos[decoded.seg_row],
+        seg_module=lookup[decoded.module_ids],
+        seg_variant=decoded.variants,
+        indices=(decoded.flat, decoded.counts),
     )

@@ -27,7 +27,7 @@ from sbora_reg.errors import (
     NotFoundError,
     RegistryError,
 )
-from sbora_reg.registry import indexblob
+from sbora_reg.registry import footprints, indexblob
 from sbora_reg.registry import models as m
 from sbora_reg.registry import queries as q
 from sbora_reg.registry.blobs import BlobStore, dir_size
@@ -406,12 +406,13 @@ class Registry:
             insert(m.Base.metadata.tables["regions"]),
             [{**r, "adapter_id": row.id} for r in regions],
         )
-        consume_matching_reservation(
-            session,
-            base.id,
-            row.id,
-            [(r["module_id"], r["variant"], summary_indices[r["module_id"]]) for r in regions],
+        triples = [(r["module_id"], r["variant"], summary_indices[r["module_id"]]) for r in regions]
+        # The packed copy that bulk overlap reads, in the same transaction as the regions.
+        conn.execute(
+            insert(m.Base.metadata.tables["footprints"]),
+            [{**footprints.encode(triples), "adapter_id": row.id}],
         )
+        consume_matching_reservation(session, base.id, row.id, triples)
         return row.id
 
     # Reading -------------------------------------------------------------------------------
@@ -499,9 +500,7 @@ class Registry:
         """All regions on ``base`` packed as an ``overlap.RegionTable`` (names are refs)."""
         base_rec = base if isinstance(base, BaseRecord) else self.get_base(base)
         with self.db.translate_errors(), self.db.engine.connect() as conn:
-            refs = q.fetch_refs(conn, base_rec.id)
-            packed = q.fetch_packed(conn, m.Adapter.base_id == base_rec.id, join_adapters=True)
-        return q.region_table(packed, refs, base_rec.fingerprint)
+            return q.fetch_region_table(conn, base_rec.id, base_rec.fingerprint)
 
     def _refs_on_base(self, base: BaseRecord) -> dict[int, str]:
         with self.db.translate_errors(), self.db.engine.connect() as conn:

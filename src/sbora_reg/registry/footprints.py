@@ -1,0 +1,113 @@
+"""One packed row per adapter: all of its regions as flat little-endian arrays.
+
+The ``regions`` table answers per-module questions; bulk overlap (one adapter against every
+adapter on a base) instead reads one ``footprints`` row per adapter, so 10,000 adapters on a
+224-module base cost 10,000 rows and a few ``np.frombuffer`` calls instead of 2.24M rows.
+A row holds, in increasing module-id order (see ``models.Footprint``)::
+
+    modules  (S,) <i4  base_modules.id        counts   (S,) <i4  indices per module (0: lora)
+    variants (S,) u1   0 fa, 1 fb, 2 lora     indices  (sum(counts),) <u2 or <u4 (width 2 or 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sbora_reg.errors import RegistryError
+from sbora_reg.registry.overlap import LORA, VARIANT_CODES
+
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_ID = np.dtype("<i4")
+
+
+def encode(regions: Sequence[tuple[int, str, np.ndarray | None]]) -> dict[str, Any]:
+    """``(module id, variant, sorted indices or None for lora)`` per module -> row values."""
+    items = sorted(regions, key=lambda region: region[0])
+    codes = np.array([VARIANT_CODES[variant] for _mid, variant, _idx in items], dtype=np.uint8)
+    parts = [
+        np.zeros(0, np.int64) if code == LORA or idx is None else np.sort(np.asarray(idx, np.int64))
+        for code, (_mid, _v, idx) in zip(codes.tolist(), items, strict=True)
+    ]
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    width = 2 if flat.size == 0 or int(flat.max()) < 2**16 else 4
+    return {
+        "modules": np.array([mid for mid, _v, _idx in items], dtype=_ID).tobytes(),
+        "variants": codes.tobytes(),
+        "counts": np.array([p.size for p in parts], dtype=_ID).tobytes(),
+        "width": width,
+        "indices": flat.astype(_DTYPES[width]).tobytes(),
+    }
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Footprint rows as flat arrays; segment s covers ``counts[s]`` entries of ``flat``."""
+
+    seg_row: np.ndarray  # (S,) int64, position of the segment's row in the input
+    module_ids: np.ndarray  # (S,) int64
+    variants: np.ndarray  # (S,) int8
+    counts: np.ndarray  # (S,) int64
+    flat: np.ndarray  # (E,) uint16 when every row has width 2, else uint32
+
+
+def _corrupt() -> RegistryError:
+    return RegistryError("corrupt footprint data in the registry: restore it from a backup")
+
+
+def decode(rows: Sequence[tuple[Any, Any, Any, Any, Any]]) -> Decoded:
+    """Rows of ``(modules, variants, counts, width, indices)`` bytes -> ``Decoded``.
+
+    Every field of every row is joined and read with one ``np.frombuffer``; only a registry
+    mixing index widths needs one more scatter.
+    """
+    mods, variants, counts_b, widths_t, blobs = zip(*rows, strict=True) if rows else ((),) * 5
+    n_seg = np.array([len(b) for b in mods], dtype=np.int64) // _ID.itemsize
+    widths = np.array(widths_t, dtype=np.int64)
+    if (
+        any(len(b) % _ID.itemsize for b in mods)
+        or [len(b) for b in variants] != n_seg.tolist()
+        or [len(b) for b in counts_b] != (n_seg * _ID.itemsize).tolist()
+        or not np.isin(widths, (2, 4)).all()
+    ):
+        raise _corrupt()
+    module_ids = np.frombuffer(b"".join(mods), dtype=_ID).astype(np.int64)
+    codes = np.frombuffer(b"".join(variants), dtype=np.uint8).astype(np.int8)
+    counts = np.frombuffer(b"".join(counts_b), dtype=_ID).astype(np.int64)
+    ends = np.cumsum(n_seg)
+    per_row = np.concatenate(([0], np.cumsum(counts)))[np.concatenate(([0], ends))]
+    row_entries = np.diff(per_row)  # (R,) indices per row
+    lengths = np.array([len(b) for b in blobs], dtype=np.int64)
+    if (
+        (lengths != widths * row_entries).any()
+        or (counts < 0).any()
+        or (codes > LORA).any()
+        or (counts[codes == LORA] != 0).any()
+    ):
+        raise _corrupt()
+    return Decoded(
+        seg_row=np.repeat(np.arange(len(rows), dtype=np.int64), n_seg),
+        module_ids=module_ids,
+        variants=codes,
+        counts=counts,
+        flat=_flat(blobs, widths, row_entries),
+    )
+
+
+def _flat(blobs: Sequence[Any], widths: np.ndarray, row_entries: np.ndarray) -> np.ndarray:
+    """Every row's indices in row order (uint16 if all rows are 2 bytes wide, else uint32)."""
+    if widths.size == 0 or (widths == widths[0]).all():
+        width = int(widths[0]) if widths.size else 2
+        return np.frombuffer(b"".join(blobs), dtype=_DTYPES[width])
+    flat = np.empty(int(row_entries.sum()), dtype=np.uint32)
+    row_start = np.cumsum(row_entries) - row_entries
+    for width, dtype in _DTYPES.items():
+        sel = np.flatnonzero(widths == width)
+        values = np.frombuffer(b"".join(blobs[i] for i in sel), dtype=dtype)
+        group = row_entries[sel]
+        shift = np.repeat(row_start[sel] - (np.cumsum(group) - group), group)
+        flat[np.arange(values.size) + shift] = values
+    return flat
