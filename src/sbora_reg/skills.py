@@ -11,13 +11,14 @@ greedy decoding of the answer would produce).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from sbora_reg.training import encode, run_steps
 
 Example = tuple[str, str]
 
@@ -60,30 +61,6 @@ class SkillScore:
     n: int
 
 
-def encode(tokenizer, examples: list[Example], device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels = -100 everywhere except the answer tokens (+ EOS)."""
-    rows, labels = [], []
-    for prompt, answer in examples:
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append(p + a)
-        labels.append([-100] * len(p) + a)
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(lb)] = torch.tensor(lb)
-        mask[i, : len(r)] = 1
-    return {
-        "input_ids": ids.to(device),
-        "labels": lab.to(device),
-        "attention_mask": mask.to(device),
-    }
-
-
 def _batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
     for i in range(0, len(examples), size):
         yield examples[i : i + size]
@@ -100,27 +77,15 @@ def train(
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train the model's trainable parameters on ``skill``; returns the loss of every step."""
+    """Train the model's trainable parameters on ``skill``; returns the loss of every step.
+
+    ``on_step(step, loss)``; the loop itself is ``training.run_steps`` (shared with `train`).
+    """
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
     data = skill.examples(steps * batch_size, seed=seed)
-    model.train()
-    losses = []
-    for step, batch in enumerate(_batches(data, batch_size)):
-        loss = model(**encode(tokenizer, batch, device)).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step, losses[-1])
-    model.eval()
-    return losses
+    batches = (encode(tokenizer, batch, device) for batch in _batches(data, batch_size))
+    hook = (lambda step, _total, loss: on_step(step, loss)) if on_step is not None else None
+    return run_steps(model, batches, steps=steps, lr=lr, on_step=hook)
 
 
 @torch.no_grad()

@@ -1,0 +1,378 @@
+"""Train an SBoRA adapter on a JSONL file: one loop for one process or many (DDP).
+
+Data: one JSON object per line, ``{"prompt": ..., "answer": ...}`` (loss on the answer tokens and
+EOS only) or ``{"text": ...}`` (loss on every token and EOS). Nothing is unpickled.
+
+The loss of a step is the mean token NLL over the whole *global* batch. Under DDP every rank
+holds a shard of it, so each rank backpropagates ``sum_of_its_token_nll * world / global_tokens``;
+DDP's gradient average then gives exactly the gradient of the global mean, and W ranks with
+per-rank batch B train the same adapter as one process with batch W·B.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sbora_reg import sbora
+from sbora_reg.errors import ConfigError, SboraRegError
+from sbora_reg.sbora import SBoRAConfig
+
+log = logging.getLogger(__name__)
+
+StepHook = Callable[[int, int, float], None]  # (step, total steps, loss)
+
+
+class DataError(SboraRegError, ValueError):
+    """A training data file that is missing, empty or not the expected JSONL."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example; the loss covers ``answer`` (and EOS) only."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced (on every rank; only rank 0 wrote ``adapter_dir``)."""
+
+    losses: list[float]
+    adapter_dir: Path
+    trainable_parameters: int
+    adapter: sbora.Adapter
+    examples: int
+    rank: int = 0
+    world_size: int = 1
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "adapter": str(self.adapter_dir),
+            "trainable_parameters": self.trainable_parameters,
+            "steps": len(self.losses),
+            "examples": self.examples,
+            "world_size": self.world_size,
+            "first_loss": self.losses[0] if self.losses else None,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "losses": self.losses,
+        }
+
+
+# ---- data -----------------------------------------------------------------------------------
+def _example(line: str, where: str) -> Example:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where} is not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where} must be a JSON object, not {type(row).__name__}")
+    if "text" in row and "prompt" not in row and "answer" not in row:
+        text = row["text"]
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+        return Example("", text)
+    prompt, answer = row.get("prompt"), row.get("answer")
+    if not isinstance(prompt, str) or not isinstance(answer, str) or not answer:
+        raise DataError(
+            f"{where} needs string 'prompt' and non-empty 'answer' keys, or one 'text' key"
+        )
+    return Example(prompt, answer)
+
+
+def load_examples(path: str | os.PathLike[str]) -> list[Example]:
+    """Read a JSONL training file; raise ``DataError`` naming the first bad line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"training data {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read training data {path}: {exc}") from None
+    examples = [
+        _example(line, f"{path} line {n}")
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+    if not examples:
+        raise DataError(f"training data {path} holds no examples: write one JSON object per line")
+    return examples
+
+
+def encode(
+    tokenizer, examples: Sequence[Example | tuple[str, str]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels = -100 everywhere except the answer tokens (+ EOS)."""
+    rows, labels = [], []
+    for prompt, answer in ((e.prompt, e.answer) if isinstance(e, Example) else e for e in examples):
+        p = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        mask[i, : len(r)] = 1
+    return {
+        "input_ids": ids.to(device),
+        "labels": lab.to(device),
+        "attention_mask": mask.to(device),
+    }
+
+
+def global_batches(
+    n: int, batch_size: int, *, seed: int, steps: int | None, epochs: int
+) -> list[list[int]]:
+    """Example indices of every step: a seeded shuffle per epoch, the last batch may be short.
+
+    With ``steps`` the epochs repeat until that many batches; otherwise ``epochs`` passes.
+    """
+    out: list[list[int]] = []
+    epoch = 0
+    while (steps is None and epoch < epochs) or (steps is not None and len(out) < steps):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen).tolist()
+        out.extend(order[i : i + batch_size] for i in range(0, n, batch_size))
+        epoch += 1
+    return out[:steps] if steps is not None else out
+
+
+# ---- the loop -------------------------------------------------------------------------------
+def _token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed NLL over label tokens (next-token targets) and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]  # predict token t+1
+    nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+    )
+    return nll, int((labels != -100).sum())
+
+
+def cosine_schedule(steps: int, warmup: int = 10) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``steps``."""
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+
+
+def run_steps(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    on_step: StepHook | None = None,
+) -> list[float]:
+    """AdamW on the trainable parameters, one step per batch; returns every step's loss.
+
+    A batch is what ``encode`` returns, optionally with ``"weight"`` (0 for a dummy shard that
+    must only take part in DDP's collectives). Under an initialised process group the loss is
+    normalised by the token count of the whole global batch (see the module docstring).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters: inject an adapter first")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    model.train()
+    losses: list[float] = []
+    for step, batch in enumerate(batches):
+        nll, count = _token_nll(model, batch)
+        if "weight" in batch:
+            nll, count = nll * batch["weight"], int(count * float(batch["weight"]))
+        stats = torch.tensor([float(nll.detach()), float(count)], dtype=torch.float64)
+        if distributed:
+            dist.all_reduce(stats)  # (global NLL sum, global token count)
+        total = max(stats[1].item(), 1.0)
+        (nll * (world / total)).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(stats[0].item() / total)
+        if on_step is not None:
+            on_step(step, steps, losses[-1])
+    model.eval()
+    return losses
+
+
+# ---- distributed ----------------------------------------------------------------------------
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of this process: from torch.distributed or the torchrun env."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (the one that saves, registers and prints)."""
+    return world_info()[0] == 0
+
+
+@contextmanager
+def _process_group() -> Iterator[tuple[int, int]]:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    rank, world = world_info()
+    started = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        started = True
+        rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        yield rank, world
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _device(world: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def _shard(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """This rank's contiguous slice of a global batch; an empty slice runs one dummy example."""
+    per = -(-len(batch) // world)
+    mine = batch[rank * per : (rank + 1) * per]
+    return (mine, 1.0) if mine else (batch[:1], 0.0)
+
+
+# ---- the whole job --------------------------------------------------------------------------
+def config_for_indices(
+    indices: str | os.PathLike[str],
+    *,
+    variant: str | None = None,
+    r: int | None = None,
+    alpha: float | None = None,
+    target_modules: Sequence[str] | None = None,
+    seed: int = 0,
+) -> SBoRAConfig:
+    """An ``SBoRAConfig`` that fits an allocated indices file: what is not given comes from it.
+
+    Given values that disagree with the file raise ``ConfigError`` (variant, rank).
+    """
+    found, meta = sbora.read_indices_file(Path(indices))
+    have_variant = meta.get("variant")
+    if variant is not None and variant != have_variant:
+        raise ConfigError(
+            f"{indices} holds {have_variant!r} indices but --variant is {variant!r}: "
+            "drop --variant or allocate indices for it"
+        )
+    ranks = {int(t.numel()) for t in found.values()}
+    if len(ranks) != 1:
+        raise ConfigError(f"{indices} holds index sets of different sizes {sorted(ranks)}")
+    rank = ranks.pop()
+    if r is not None and r != rank:
+        raise ConfigError(f"{indices} reserves {rank} indices per module but --rank is {r}")
+    return SBoRAConfig(
+        variant=str(have_variant),
+        r=rank,
+        alpha=alpha if alpha is not None else 2.0 * rank,
+        target_modules=tuple(target_modules) if target_modules else tuple(sorted(found)),
+        seed=seed,
+    )
+
+
+def _load_model(base_dir: Path, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (base_dir / "config.json").is_file():
+        raise ConfigError(f"{base_dir} is not a model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {base_dir}: {exc}") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer in {base_dir} has no EOS token")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def train_adapter(
+    base_dir: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Sequence[Example],
+    out_dir: str | os.PathLike[str],
+    *,
+    config: SBoRAConfig,
+    indices: str | os.PathLike[str] | None = None,
+    steps: int | None = None,
+    epochs: int = 1,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    gradient_checkpointing: bool = False,
+    on_step: StepHook | None = None,
+) -> TrainResult:
+    """Train an SBoRA adapter on ``base_dir`` and save it (atomically) to ``out_dir``.
+
+    ``indices``: an allocated indices file (variant and base fingerprint must match). Under
+    torchrun (WORLD_SIZE > 1) ``batch_size`` is per rank, batches are sharded by rank, gradients
+    are averaged by DDP and only rank 0 writes ``out_dir``. Deterministic for a ``seed``.
+    """
+    if steps is not None and steps < 1 or epochs < 1 or batch_size < 1:
+        raise ConfigError("steps, epochs and batch_size must be positive")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"dtype must be float32 or bfloat16, not {dtype}")
+    examples = list(data) if not isinstance(data, str | os.PathLike) else load_examples(data)
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    with _process_group() as (rank, world):
+        device = _device(world)
+        torch.manual_seed(seed)  # adapter dropout
+        model, tokenizer = _load_model(base_dir, dtype, device)
+        sbora.inject(model, config, indices=indices)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        plan = global_batches(
+            len(examples), batch_size * world, seed=seed, steps=steps, epochs=epochs
+        )
+        trained: nn.Module = model
+        if world > 1:
+            trained = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        def batches() -> Iterator[dict[str, torch.Tensor]]:
+            for ids in plan:
+                mine, weight = _shard(ids, rank, world)
+                batch = encode(tokenizer, [examples[i] for i in mine], device)
+                yield {**batch, "weight": torch.tensor(weight)} if weight != 1.0 else batch
+
+        losses = run_steps(trained, batches(), steps=len(plan), lr=lr, on_step=on_step)
+        adapter = sbora.extract(model)
+        adapter.base_model = str(base_dir)
+        if rank == 0:
+            adapter.save(out_dir)
+            log.info("saved the adapter to %s", out_dir)
+        if world > 1:
+            dist.barrier()
+    return TrainResult(
+        losses=losses,
+        adapter_dir=out_dir,
+        trainable_parameters=adapter.num_parameters(),
+        adapter=adapter,
+        examples=len(examples),
+        rank=rank,
+        world_size=world,
+    )
