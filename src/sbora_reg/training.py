@@ -30,6 +30,7 @@ from sbora_reg.sbora import SBoRAConfig
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TARGETS = ("q_proj", "v_proj")
 StepHook = Callable[[int, int, float], None]  # (step, total steps, loss)
 
 
@@ -288,6 +289,31 @@ def config_for_indices(
         r=rank,
         alpha=alpha if alpha is not None else 2.0 * rank,
         target_modules=tuple(target_modules) if target_modules else tuple(sorted(found)),
+        seed=seed,
+    )
+
+
+def resolve_config(
+    *,
+    variant: str | None = None,
+    r: int | None = None,
+    alpha: float | None = None,
+    target_modules: Sequence[str] | None = None,
+    seed: int = 0,
+    indices: str | os.PathLike[str] | None = None,
+) -> SBoRAConfig:
+    """The config `sbora-reg train` uses: defaults FA, r=16, alpha=2r, q_proj,v_proj; with an
+    indices file, what is not given comes from the file (see ``config_for_indices``)."""
+    if indices is not None:
+        return config_for_indices(
+            indices, variant=variant, r=r, alpha=alpha, target_modules=target_modules, seed=seed
+        )
+    r = 16 if r is None else r
+    return SBoRAConfig(
+        variant=variant or "fa",
+        r=r,
+        alpha=alpha if alpha is not None else 2.0 * r,
+        target_modules=tuple(target_modules or DEFAULT_TARGETS),
         seed=seed,
     )
 

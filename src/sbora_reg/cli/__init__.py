@@ -55,6 +55,7 @@ def _register_commands() -> None:
         db,
         demo,
         overlap,
+        train,
     )
 
 

@@ -1,0 +1,187 @@
+"""CLI verb: train (an SBoRA adapter on a JSONL file, optionally registered; DDP under torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from sbora_reg.cli import main
+from sbora_reg.cli.adapters import echo_json, open_registry
+
+
+def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise click.BadParameter("give module names such as q_proj,v_proj")
+    return names
+
+
+def _progress() -> Progress:
+    """Loss bar on stderr, for people: only on a terminal and only on rank 0."""
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not (console.is_terminal and _main_process()),
+    )
+
+
+def _main_process() -> bool:
+    from sbora_reg.training import is_main_process
+
+    return is_main_process()
+
+
+@main.command()
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Local model directory (config, weights, tokenizer).",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='JSONL: {"prompt", "answer"} (loss on the answer) or {"text"} per line.',
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Adapter directory to write.",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(["fa", "fb"]),
+    help="fa trains columns, fb rows [default: fa, or the --indices file's].",
+)
+@click.option("--rank", type=click.IntRange(min=1), help="r [default: 16, or the file's].")
+@click.option("--alpha", type=float, help="Scale alpha/r [default: 2*rank].")
+@click.option(
+    "--targets",
+    callback=_targets,
+    help="Comma-separated module names [default: q_proj,v_proj, or the file's].",
+)
+@click.option(
+    "--indices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Indices file from `sbora-reg allocate`.",
+)
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (repeats the data).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data [default: 1].")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Examples per step (per process under torchrun).",
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2e-4,
+    show_default=True,
+    help="AdamW learning rate (warm-up, then cosine).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the index draw, the data order and dropout.",
+)
+@click.option("--bf16", is_flag=True, help="Load the base and train in bfloat16.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
+@click.option(
+    "--register",
+    "register_as",
+    metavar="NAME",
+    help="Register the adapter as NAME (consumes a matching reservation).",
+)
+@click.option("--task", help="Task to record with --register.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def train(
+    ctx: click.Context,
+    base: Path,
+    data: Path,
+    out: Path,
+    variant: str | None,
+    rank: int | None,
+    alpha: float | None,
+    targets: list[str] | None,
+    indices: Path | None,
+    steps: int | None,
+    epochs: int | None,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    bf16: bool,
+    gradient_checkpointing: bool,
+    register_as: str | None,
+    task: str | None,
+    as_json: bool,
+) -> None:
+    """Train an SBoRA adapter on a JSONL file; under torchrun, DDP over the processes."""
+    import torch
+
+    from sbora_reg.registry.names import check_name
+    from sbora_reg.training import resolve_config, train_adapter
+
+    if steps is not None and epochs is not None:
+        raise click.UsageError("pass --steps or --epochs, not both")
+    if task is not None and register_as is None:
+        raise click.UsageError("--task is recorded with --register NAME")
+    if register_as is not None:
+        check_name(register_as)
+    config = resolve_config(
+        variant=variant, r=rank, alpha=alpha, target_modules=targets, seed=seed, indices=indices
+    )
+    with _progress() as progress:
+        bar = progress.add_task("train", total=None, loss="-")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(bar, completed=step + 1, total=total, loss=f"{loss:.4f}")
+
+        result = train_adapter(
+            base,
+            data,
+            out,
+            config=config,
+            indices=indices,
+            steps=steps,
+            epochs=epochs or 1,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            gradient_checkpointing=gradient_checkpointing,
+            on_step=on_step,
+        )
+    if result.rank != 0:
+        return
+    record = None
+    if register_as is not None:
+        with open_registry(ctx) as registry:
+            record = registry.add(out, name=register_as, task=task, base=str(base))
+    if as_json:
+        echo_json({**result.to_json(), "registered": record.to_json() if record else None})
+        return
+    click.echo(
+        f"trained {len(result.losses)} steps on {result.examples} examples: loss "
+        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
+        f"{result.trainable_parameters:,} trainable parameters; adapter {result.adapter_dir}"
+    )
+    if record is not None:
+        click.echo(f"registered {record.ref}  sha256 {record.sha256[:12]}")

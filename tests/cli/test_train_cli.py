@@ -1,0 +1,173 @@
+"""`sbora-reg train` through CliRunner: allocate -> train -> register, bad input, options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from sbora_reg import sbora
+from sbora_reg.cli import main
+from sbora_reg.registry import models as m
+from sbora_reg.registry.store import Registry
+
+
+def _data(path: Path, n: int = 16) -> Path:
+    rows = [
+        {"prompt": f"{i % 10}+{i // 10 % 10}=", "answer": str(i % 10 + i // 10 % 10)}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_allocated_indices_are_trained_and_registration_consumes_them(
+    tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    db = str(tmp_path / "reg.db")
+    with Registry.open(db) as reg:
+        reg.add_base(tiny_lm_dir)
+    runner = CliRunner()
+    idx = tmp_path / "idx.safetensors"
+    alloc = runner.invoke(
+        main,
+        [
+            "--db",
+            db,
+            "allocate",
+            "--base",
+            str(tiny_lm_dir),
+            "--variant",
+            "fb",
+            "--rank",
+            "6",
+            "--targets",
+            "k_proj,up_proj",
+            "--task",
+            "add",
+            "--seed",
+            "2",
+            "--out",
+            str(idx),
+            "--json",
+        ],
+    )
+    assert alloc.exit_code == 0, alloc.output
+    reservation = json.loads(alloc.output)["reservation"]
+    out = tmp_path / "adapter"
+    res = runner.invoke(
+        main,
+        [
+            "--db",
+            db,
+            "train",
+            "--base",
+            str(tiny_lm_dir),
+            "--data",
+            str(_data(tmp_path / "d.jsonl")),
+            "--out",
+            str(out),
+            "--indices",
+            str(idx),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--register",
+            "adder",
+            "--task",
+            "add",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["steps"] == 3 and len(report["losses"]) == 3
+    assert report["registered"]["name"] == "adder" and report["registered"]["task"] == "add"
+    adapter = sbora.Adapter.load(out)
+    assert adapter.config.variant == "fb" and adapter.config.r == 6
+    assert report["trainable_parameters"] == adapter.num_parameters() > 0
+    reserved = sbora.load_indices(idx)
+    assert sorted(adapter.indices) == sorted(reserved)
+    for name, want in reserved.items():
+        assert adapter.indices[name].tolist() == want.tolist()
+    with Registry.open(db) as reg:
+        with reg.read() as session:
+            row = session.get(m.Reservation, reservation)
+            assert row is not None and row.consumed_by_adapter_id is not None
+        regions = reg.regions("adder")
+    assert {k: r.indices.tolist() for k, r in regions.items()} == {
+        k: v.tolist() for k, v in reserved.items()
+    }
+
+
+def test_bad_data_is_one_error_line_and_writes_nothing(tmp_path: Path, tiny_lm_dir: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\nnot json\n')
+    runner = CliRunner()
+    db = str(tmp_path / "reg.db")
+    for data, message in [
+        (bad, "line 2 is not valid JSON"),
+        (tmp_path / "missing.jsonl", "does not exist"),
+    ]:
+        out = tmp_path / "out"
+        res = runner.invoke(
+            main,
+            [
+                "--db",
+                db,
+                "train",
+                "--base",
+                str(tiny_lm_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--register",
+                "x",
+            ],
+        )
+        assert res.exit_code == 1, res.output
+        assert res.stderr.startswith("Error: ") and message in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+    assert not Path(db).exists()
+
+
+def test_usage_errors_and_human_output(tmp_path: Path, tiny_lm_dir: Path) -> None:
+    runner = CliRunner()
+    data = _data(tmp_path / "d.jsonl", 6)
+    common = ["train", "--base", str(tiny_lm_dir), "--data", str(data)]
+    both = runner.invoke(
+        main, [*common, "--out", str(tmp_path / "o"), "--steps", "1", "--epochs", "1"]
+    )
+    assert both.exit_code == 2 and "not both" in both.output
+    task = runner.invoke(main, [*common, "--out", str(tmp_path / "o"), "--task", "t"])
+    assert task.exit_code == 2 and "--register" in task.output
+    wrong = runner.invoke(main, [*common, "--out", str(tmp_path / "o"), "--targets", "nope"])
+    assert wrong.exit_code == 1 and "matched no module" in wrong.stderr
+    out = tmp_path / "fa"
+    res = runner.invoke(
+        main,
+        [
+            *common,
+            "--out",
+            str(out),
+            "--targets",
+            "o_proj",
+            "--rank",
+            "4",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "trained 4 steps on 6 examples" in res.stdout and str(out) in res.stdout
+    adapter = sbora.Adapter.load(out)
+    assert adapter.config.variant == "fa" and adapter.config.alpha == 8.0
+    assert all(name.endswith("o_proj") for name in adapter.modules)
