@@ -296,7 +296,7 @@ class RegionTable:
         order = _block_order(block, seg_adapter)
         if np.any(order != np.arange(order.size)):
             if counts.size and np.all(counts == counts[0]):  # one rank throughout: move rows
-                flat = flat.reshape(counts.size, -1)[order].reshape(-1)
+                flat = _take_rows(flat.reshape(counts.size, -1), order).reshape(-1)
             else:  # move each segment's run of indices to its new place, in one gather
                 old_start = np.concatenate(([0], np.cumsum(counts)[:-1]))[order]
                 new_start = np.concatenate(([0], np.cumsum(counts[order])[:-1]))
@@ -333,7 +333,7 @@ class RegionTable:
             dim, offset = (inn[m], col_off[m]) if code == FA else (out[m], row_off[m])
             if part.size and ((part.dtype.kind == "i" and part.min() < 0) or part.max() >= dim):
                 raise ShapeMismatchError(f"a region index is out of range for {modules[m]}")
-            keys[e0:e1] = part + offset
+            np.add(part, offset, out=keys[e0:e1], dtype=keys.dtype, casting="unsafe")
         table.keys = keys
         return table
 
@@ -344,6 +344,14 @@ class RegionTable:
         o, i = self.out[self.seg_module], self.inn[self.seg_module]
         v, c = self.seg_variant, self.seg_count
         return np.where(v == FA, o * c, np.where(v == FB, c * i, o * i))
+
+
+def _take_rows(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``rows[order]`` for a C-contiguous (S, r) array, moving each row as few wide words."""
+    nbytes = rows.shape[1] * rows.itemsize
+    word = next(w for w in (8, 4, 2, 1) if nbytes % w == 0)
+    words = np.ascontiguousarray(rows).view(f"<u{word}")  # (S, nbytes // word)
+    return np.take(words, order, axis=0).view(rows.dtype)
 
 
 def _block_order(block: np.ndarray, seg_adapter: np.ndarray) -> np.ndarray:
@@ -408,6 +416,38 @@ def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
     if query.base != table.base:
         reason = "different base models: never compared"
         return ManyOverlap(query.name, table.names, np.zeros(n, np.int64), False, reason)
+    shared = _segment_shares(query, table)
+    totals = np.bincount(table.seg_adapter, weights=shared, minlength=n)
+    return ManyOverlap(query.name, table.names, np.rint(totals).astype(np.int64), True)
+
+
+def pairs_against(query: Footprint, table: RegionTable) -> list[PairOverlap]:
+    """Per-module reports of ``query`` with each adapter of ``table`` it shares weights with.
+
+    The same numbers as ``compare`` pair by pair, from one vectorised pass: segments with a
+    share are grouped by adapter (module names in order) and only then turned into dicts.
+    Adapters named like the query are left out; nothing is compared across base models.
+    """
+    if query.base != table.base:
+        return []
+    shared = _segment_shares(query, table)  # (S,)
+    hit = np.flatnonzero(shared)
+    hit = hit[np.lexsort((table.seg_module[hit], table.seg_adapter[hit]))]  # adapter, module
+    owner = table.seg_adapter[hit]
+    first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1]))).tolist()
+    modules = np.array(table.modules, dtype=object)[table.seg_module[hit]].tolist()
+    cells = shared[hit].tolist()
+    reports = []
+    for start, end in zip(first, [*first[1:], hit.size], strict=True):
+        name = table.names[int(owner[start])]
+        if name != query.name:
+            per_module = dict(zip(modules[start:end], cells[start:end], strict=True))
+            reports.append(PairOverlap(query.name, name, True, per_module))
+    return reports
+
+
+def _segment_shares(query: Footprint, table: RegionTable) -> np.ndarray:
+    """(S,) int64 cells each segment of ``table`` shares with ``query`` (same base assumed)."""
     qv_m, qc_m, qcells_m, bitmap = _query_arrays(query, table)
     # Per module the query touches, each (module, variant) block of segments is one contiguous
     # slice, so every term below is a slice operation; nothing runs over all segments but the sum.
@@ -435,8 +475,7 @@ def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
         shared[x0:x1] = int(qc_m[m]) * table.seg_count[x0:x1]  # FA x FB: |R| * |C|
         l0, l1 = int(bs[3 * m + LORA]), int(bs[3 * m + LORA + 1])
         shared[l0:l1] = int(qcells_m[m])  # vs LoRA: the query's cells
-    totals = np.bincount(table.seg_adapter, weights=shared, minlength=n)
-    return ManyOverlap(query.name, table.names, np.rint(totals).astype(np.int64), True)
+    return shared
 
 
 def _block_cells(table: RegionTable, s0: int, s1: int, out: int, inn: int) -> np.ndarray:
@@ -582,8 +621,8 @@ def overlap_against_all(registry: Registry, ref: str) -> AgainstAll:
     for base in registry.bases():
         if base.fingerprint != query.base:
             continue
-        many = one_vs_many(query, registry.region_table(base))
-        compared += sum(1 for name in many.names if name != query.name)
-        pairs += [compare(query, footprint(registry, name)) for name, _ in many.overlapping()]
+        table = registry.region_table(base)
+        compared += sum(1 for name in table.names if name != query.name)
+        pairs += pairs_against(query, table)
     pairs.sort(key=lambda p: -p.total)
     return AgainstAll(query.name, compared, pairs)
