@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -318,7 +319,8 @@ def resolve_config(
     )
 
 
-def _load_model(base_dir: Path, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]
+def _load_model(base_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    """The causal LM and its tokenizer from one local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (base_dir / "config.json").is_file():
@@ -329,7 +331,10 @@ def _load_model(base_dir: Path, dtype: torch.dtype, device: torch.device):  # ty
         raise ConfigError(f"cannot load a tokenizer from {base_dir}: {exc}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {base_dir} has no EOS token")
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    try:
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a causal LM from {base_dir}: {exc}") from None
     return model.to(device), tokenizer
 
 
@@ -365,10 +370,11 @@ def train_adapter(
         device = _device(world)
         torch.manual_seed(seed)  # adapter dropout
         model, tokenizer = _load_model(base_dir, dtype, device)
-        sbora.inject(model, config, indices=indices)
+        sbora.inject(model, config, indices=None if indices is None else Path(indices))
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            # non-reentrant: works with frozen inputs and with DDP
+            cast(Any, model).activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         plan = global_batches(
             len(examples), batch_size * world, seed=seed, steps=steps, epochs=epochs
