@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
+from click.testing import CliRunner
 
 from sbora_reg import sbora, training
+from sbora_reg.cli import main
 from sbora_reg.sbora import SBoRAConfig
 
 CONFIG = SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=("q_proj", "v_proj", "up_proj"))
@@ -79,3 +84,33 @@ def test_two_gloo_ranks_equal_one_process_with_double_batch(
         torch.testing.assert_close(
             saved.delta(name), single.adapter.delta(name), rtol=1e-4, atol=1e-6
         )
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_saves_and_prints_once(tmp_path: Path, tiny_lm_dir: Path) -> None:
+    rows = [{"text": f"{i} {i * 7 % 10} {'z' * (i % 3)}"} for i in range(10)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data", str(data), "--base", str(tiny_lm_dir), "--rank", "4", "--lr", "1e-2",
+            "--epochs", "2", "--seed", "1", "--json"]  # fmt: skip
+    script = Path(sys.executable).with_name("sbora-reg")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), "train", "--out", str(tmp_path / "ddp"), "--batch-size", "2", *args],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)  # exactly one JSON document: only rank 0 prints
+    assert report["world_size"] == 2 and report["steps"] == 6
+    single = CliRunner().invoke(
+        main, ["train", "--out", str(tmp_path / "one"), "--batch-size", "4", *args]
+    )
+    assert single.exit_code == 0, single.output
+    torch.testing.assert_close(
+        torch.tensor(report["losses"]), torch.tensor(json.loads(single.stdout)["losses"])
+    )
+    ddp, one = sbora.Adapter.load(tmp_path / "ddp"), sbora.Adapter.load(tmp_path / "one")
+    assert ddp.indices.keys() == one.indices.keys()
+    for name in one.modules:
+        torch.testing.assert_close(ddp.delta(name), one.delta(name), rtol=1e-4, atol=1e-6)
