@@ -18,6 +18,7 @@ from sbora_reg.registry.overlap import (
     compare_all,
     ensure_disjoint,
     one_vs_many,
+    pairs_against,
     shared_cells,
     touched_cells,
 )
@@ -285,3 +286,50 @@ def test_from_arrays_reorders_fixed_rank_segments() -> None:
         expected = ref[j].copy()
         expected[j] = sum(touched_cells(r) for r in fp.regions.values())
         np.testing.assert_array_equal(one_vs_many(fp, table).totals, expected)
+
+
+def test_pairs_against_matches_pairwise_reports() -> None:
+    rng = np.random.default_rng(5)
+    modules = {"l0.q": (6, 10), "l0.v": (4, 10), "l1.q": (6, 10), "l1.o": (10, 5)}
+    fps = _random_footprints(rng, 20, modules)
+    table = RegionTable.from_footprints(fps)
+    for query in fps[:6]:
+        expected = [compare(query, other) for other in fps if other is not query]
+        got = {p.b: p for p in pairs_against(query, table)}
+        assert query.name not in got
+        assert got == {p.b: p for p in expected if p.overlaps}
+        assert all(list(p.modules) == sorted(p.modules) for p in got.values())
+    other_base = Footprint("x", "another", fps[0].regions)
+    assert pairs_against(other_base, table) == []
+
+
+@pytest.mark.parametrize("rank", [3, 4])  # rows of 6 and 8 bytes: both word sizes of the mover
+def test_from_arrays_takes_unsigned_indices_in_adapter_order(rank: int) -> None:
+    rng = np.random.default_rng(rank)
+    shapes = {"a": (8, 12), "b": (12, 8), "c": (5, 5)}
+    fps = []
+    for k in range(7):
+        regions = {}
+        for name, shape in shapes.items():
+            variant = "fa" if (k + ord(name)) % 3 else "fb"
+            dim = shape[1] if variant == "fa" else shape[0]
+            regions[name] = Region(variant, shape, np.sort(rng.choice(dim, rank, replace=False)))
+        fps.append(Footprint(f"f{k}", "base", regions))
+    expected = RegionTable.from_footprints(fps)
+    segs = [(a, m, fp.regions[name]) for a, fp in enumerate(fps) for m, name in enumerate(shapes)]
+    table = RegionTable.from_arrays(
+        base="base",
+        names=[fp.name for fp in fps],
+        modules=list(shapes),
+        out=np.array([s[0] for s in shapes.values()]),
+        inn=np.array([s[1] for s in shapes.values()]),
+        seg_adapter=np.array([a for a, _, _ in segs]),
+        seg_module=np.array([m for _, m, _ in segs]),
+        seg_variant=np.array([0 if r.variant == "fa" else 1 for _, _, r in segs]),
+        indices=(
+            np.concatenate([r.indices for _, _, r in segs]).astype(np.uint16),
+            np.full(len(segs), rank),
+        ),
+    )
+    for name in ("seg_adapter", "seg_module", "seg_variant", "seg_count", "keys", "block_start"):
+        np.testing.assert_array_equal(getattr(table, name), getattr(expected, name))
