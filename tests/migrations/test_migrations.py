@@ -157,3 +157,85 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
         Registry.open(db)
     with pytest.raises(SchemaError):
         Registry.open(db, migrate=False).upgrade()
+
+
+def test_footprints_backfilled_from_0002(db: Database, tmp_path: Path) -> None:
+    """Adapters registered before 0003 get footprints equal to their regions (both widths)."""
+    migrations.upgrade(db, "0002")
+    fa_idx, fb_idx = np.array([2, 7, 40]), np.array([1, 65_540, 69_999])
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO bases (id, name, fingerprint, created) "
+                "VALUES (1, 'base', :fp, '2026-01-01 00:00:00')"
+            ),
+            {"fp": "f" * 64},
+        )
+        for mid, (out, inn) in enumerate([(64, 64), (70_000, 64), (64, 64)], start=1):
+            conn.execute(
+                text(
+                    "INSERT INTO base_modules (id, base_id, name, kind, out_features, in_features)"
+                    " VALUES (:i, 1, :n, 'linear', :o, :in_)"
+                ),
+                {"i": mid, "n": f"m{mid}", "o": out, "in_": inn},
+            )
+        conn.execute(
+            text("INSERT INTO blobs (sha256, size, created) VALUES (:s, 10, '2026-01-01')"),
+            {"s": "a" * 64},
+        )
+        conn.execute(text("INSERT INTO adapter_names (name, last_version) VALUES ('old', 3)"))
+        for aid in (1, 2, 3):
+            conn.execute(
+                text(
+                    "INSERT INTO adapters (id, name, version, base_id, task, format, variant, "
+                    "rank, alpha, target_modules, sha256, size, created, metadata, provenance) "
+                    "VALUES (:i, 'old', :i, 1, NULL, 'sbora', 'fa', 3, 6.0, '[]', :s, 10, "
+                    "'2026-01-01 00:00:00', '{}', '{}')"
+                ),
+                {"i": aid, "s": "a" * 64},
+            )
+        regions = [
+            (1, 1, "fa", fa_idx),
+            (1, 3, "lora", None),
+            (2, 2, "fb", fb_idx),  # uint32: a row index above 65535
+            (2, 1, "fa", fa_idx + 1),
+        ]  # adapter 3 has no regions at all
+        for aid, mid, variant, idx in regions:
+            conn.execute(
+                text(
+                    "INSERT INTO regions (adapter_id, module_id, variant, count, indices) "
+                    "VALUES (:a, :m, :v, :c, :b)"
+                ),
+                {
+                    "a": aid,
+                    "m": mid,
+                    "v": variant,
+                    "c": 0 if idx is None else idx.size,
+                    "b": None if idx is None else indexblob.encode(idx),
+                },
+            )
+    migrations.upgrade(db)
+    url = db.location.sqlite_path or db.location.url.render_as_string(hide_password=False)
+    with Registry.open(url, data_dir=tmp_path / "data") as reg:
+        table = reg.region_table("base")
+        by_ref = reg.regions_on_base("base")
+    assert table.names == ["old@1", "old@2", "old@3"]
+    starts = np.concatenate(([0], np.cumsum(table.seg_count)))
+    offsets = {"fa": table.col_offset, "fb": table.row_offset}
+    packed: dict[str, dict[str, tuple[str, list[int]]]] = {}
+    for s in range(table.seg_count.size):
+        variant = ("fa", "fb", "lora")[int(table.seg_variant[s])]
+        mod = int(table.seg_module[s])
+        keys = table.keys[starts[s] : starts[s + 1]].astype(np.int64)
+        local = keys - offsets[variant][mod] if variant != "lora" else keys
+        name = table.names[int(table.seg_adapter[s])]
+        packed.setdefault(name, {})[table.modules[mod]] = (variant, local.tolist())
+    expected = {
+        ref: {n: (r.variant, r.indices.tolist()) for n, r in regs.items()}
+        for ref, regs in by_ref.items()
+    }
+    assert packed == expected
+    assert packed["old@2"]["m2"] == ("fb", fb_idx.tolist())
+    assert packed["old@1"]["m3"] == ("lora", [])
+    migrations.downgrade(db, "0002")
+    assert "footprints" not in tables(db)
