@@ -17,7 +17,7 @@ Python loops over adapters or modules.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -190,8 +190,9 @@ def ensure_disjoint(footprints: Sequence[Footprint]) -> None:
 class RegionTable:
     """Regions of many adapters on one base packed into flat arrays.
 
-    Each (adapter, module) pair is a *segment*; its indices are stored as global keys in one
-    index space per (module, axis): rows of module m at ``row_offset[m] + r``, columns at
+    Each (adapter, module) pair is a *segment*; its indices are stored as given (``local``:
+    columns for FA, rows for FB, any integer dtype) and, on demand, as global keys in one index
+    space per (module, axis): rows of module m at ``row_offset[m] + r``, columns at
     ``col_offset[m] + c``. Same-variant overlap is then equality of keys.
     """
 
@@ -204,10 +205,11 @@ class RegionTable:
     seg_module: np.ndarray  # (S,) int64, segments sorted by (module, variant, adapter)
     seg_variant: np.ndarray  # (S,) int8
     seg_count: np.ndarray  # (S,) int64, number of indices
-    keys: np.ndarray  # (E,) int32/int64, E = seg_count.sum(), segments in order
+    local: np.ndarray  # (E,) int, E = seg_count.sum(), segments in order, within module axis
     seg_start: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # (S+1,)
     # (3M+1,): segments of module m and variant v are block_start[3m+v] : block_start[3m+v+1]
     block_start: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    _keys: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def row_offset(self) -> np.ndarray:
@@ -315,27 +317,19 @@ class RegionTable:
             seg_module=seg_module,
             seg_variant=seg_variant,
             seg_count=counts,
-            keys=np.zeros(0, dtype=np.int64),
+            local=flat,
             seg_start=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
             block_start=np.searchsorted(block, np.arange(3 * len(modules) + 1)).astype(np.int64),
         )
-        # int32 halves the memory traffic of the gathers whenever the key space allows it.
-        keys = np.empty(flat.size, dtype=np.int32 if table.space_size < 2**31 else np.int64)
-        row_off, col_off = table.row_offset, table.col_offset
-        for block in np.flatnonzero(np.diff(table.block_start)).tolist():
-            m, code = divmod(block, 3)
-            if code == LORA:
-                continue
-            s0, s1 = table.block_start[block], table.block_start[block + 1]
-            e0, e1 = table.seg_start[s0], table.seg_start[s1]
-            part = flat[e0:e1]
-            # FA keys live in the module's column space, FB keys in its row space.
-            dim, offset = (inn[m], col_off[m]) if code == FA else (out[m], row_off[m])
-            if part.size and ((part.dtype.kind == "i" and part.min() < 0) or part.max() >= dim):
-                raise ShapeMismatchError(f"a region index is out of range for {modules[m]}")
-            np.add(part, offset, out=keys[e0:e1], dtype=keys.dtype, casting="unsafe")
-        table.keys = keys
+        _check_bounds(table)
         return table
+
+    @property
+    def keys(self) -> np.ndarray:
+        """(E,) int32/int64 global keys of ``local`` (computed once, on first use)."""
+        if self._keys is None:
+            self._keys = _keys(self)
+        return self._keys
 
     def index_of(self, name: str) -> int:
         return self.names.index(name)
@@ -344,6 +338,39 @@ class RegionTable:
         o, i = self.out[self.seg_module], self.inn[self.seg_module]
         v, c = self.seg_variant, self.seg_count
         return np.where(v == FA, o * c, np.where(v == FB, c * i, o * i))
+
+
+def _blocks(table: RegionTable) -> Iterator[tuple[int, int, int, int]]:
+    """(module, variant code, first entry, end entry) of every non-empty FA or FB block."""
+    for block in np.flatnonzero(np.diff(table.block_start)).tolist():
+        m, code = divmod(block, 3)
+        if code != LORA:
+            s0, s1 = table.block_start[block], table.block_start[block + 1]
+            yield m, code, int(table.seg_start[s0]), int(table.seg_start[s1])
+
+
+def _check_bounds(table: RegionTable) -> None:
+    """``ShapeMismatchError`` unless every index lies within its module's axis."""
+    signed = table.local.dtype.kind == "i"
+    for m, code, e0, e1 in _blocks(table):
+        part = table.local[e0:e1]
+        dim = table.inn[m] if code == FA else table.out[m]
+        if part.size and ((signed and part.min() < 0) or part.max() >= dim):
+            raise ShapeMismatchError(f"a region index is out of range for {table.modules[m]}")
+
+
+def _keys(table: RegionTable) -> np.ndarray:
+    """Global keys of ``table.local``: FA keys in the module's column space, FB in its rows.
+
+    int32 halves the memory traffic of the gathers whenever the key space allows it.
+    """
+    dtype = np.dtype(np.int32 if table.space_size < 2**31 else np.int64)
+    keys = np.empty(table.local.size, dtype=dtype)
+    row_off, col_off = table.row_offset, table.col_offset
+    for m, code, e0, e1 in _blocks(table):
+        offset = col_off[m] if code == FA else row_off[m]
+        np.add(table.local[e0:e1], offset, out=keys[e0:e1], dtype=dtype, casting="unsafe")
+    return keys
 
 
 def _take_rows(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -463,7 +490,9 @@ def _segment_shares(query: Footprint, table: RegionTable) -> np.ndarray:
         same0, same1 = int(bs[3 * m + q]), int(bs[3 * m + q + 1])
         if same0 < same1:  # FA/FA: out * |C1 & C2|; FB/FB: |R1 & R2| * in
             e0, e1 = int(ss[same0]), int(ss[same1])
-            hits = bitmap[table.keys[e0:e1]]  # (entries,) does this entry hit the query's set
+            offset = int(table.col_offset[m] if q == FA else table.row_offset[m])
+            query_axis = bitmap[offset : offset + (inn if q == FA else out)]  # (dim,) view
+            hits = query_axis[table.local[e0:e1]]  # (entries,) does this entry hit the query
             inter = np.zeros(same1 - same0, dtype=np.int64)
             nonempty = np.flatnonzero(table.seg_count[same0:same1] > 0)
             if nonempty.size:

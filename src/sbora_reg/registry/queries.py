@@ -236,8 +236,8 @@ def fetch_region_table(conn: Connection, base_id: int, fingerprint: str) -> Regi
     refs = fetch_refs(conn, base_id)
     rows = conn.execute(
         select(f.adapter_id, f.modules, f.variants, f.counts, f.width, f.indices)
-        .join(m.Adapter.__table__, _A.id == f.adapter_id)
-        .where(_A.base_id == base_id)
+        # IN, not a join: SQLite then walks the primary key in order instead of sorting blobs
+        .where(f.adapter_id.in_(select(_A.id).where(_A.base_id == base_id)))
         .order_by(f.adapter_id)
     ).all()
     decoded = footprints.decode([row[1:] for row in rows])
