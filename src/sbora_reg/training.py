@@ -198,7 +198,10 @@ def run_steps(
         nll, count = _token_nll(model, batch)
         if "weight" in batch:
             nll, count = nll * batch["weight"], int(count * float(batch["weight"]))
-        stats = torch.tensor([float(nll.detach()), float(count)], dtype=torch.float64)
+        # (2,) on the loss's device: NCCL reduces only CUDA tensors
+        stats = torch.stack(
+            [nll.detach().double(), torch.tensor(float(count), device=nll.device).double()]
+        )
         if distributed:
             dist.all_reduce(stats)  # (global NLL sum, global token count)
         total = max(stats[1].item(), 1.0)
@@ -360,7 +363,7 @@ def train_adapter(
     torchrun (WORLD_SIZE > 1) ``batch_size`` is per rank, batches are sharded by rank, gradients
     are averaged by DDP and only rank 0 writes ``out_dir``. Deterministic for a ``seed``.
     """
-    if steps is not None and steps < 1 or epochs < 1 or batch_size < 1:
+    if (steps is not None and steps < 1) or epochs < 1 or batch_size < 1:
         raise ConfigError("steps, epochs and batch_size must be positive")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ConfigError(f"dtype must be float32 or bfloat16, not {dtype}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -10,6 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sbora_reg.cli import main
 from sbora_reg.cli.adapters import echo_json, open_registry
+
+if TYPE_CHECKING:
+    from sbora_reg.registry import AdapterRecord
+    from sbora_reg.training import TrainResult
 
 
 def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
@@ -177,7 +182,11 @@ def train(
             record = registry.add(out, name=register_as, task=task, base=str(base))
     if as_json:
         echo_json({**result.to_json(), "registered": record.to_json() if record else None})
-        return
+    else:
+        _render(result, record)
+
+
+def _render(result: TrainResult, record: AdapterRecord | None) -> None:
     click.echo(
         f"trained {len(result.losses)} steps on {result.examples} examples: loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
