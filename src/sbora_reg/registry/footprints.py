@@ -20,7 +20,7 @@ import numpy as np
 from sbora_reg.errors import RegistryError
 from sbora_reg.registry.overlap import LORA, VARIANT_CODES
 
-_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_DTYPES: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _ID = np.dtype("<i4")
 
 
@@ -106,7 +106,7 @@ def _flat(blobs: Sequence[Any], widths: np.ndarray, row_entries: np.ndarray) -> 
     row_start = np.cumsum(row_entries) - row_entries
     for width, dtype in _DTYPES.items():
         sel = np.flatnonzero(widths == width)
-        values = np.frombuffer(b"".join(blobs[i] for i in sel), dtype=dtype)
+        values = np.frombuffer(b"".join(blobs[i] for i in sel.tolist()), dtype=dtype)
         group = row_entries[sel]
         shift = np.repeat(row_start[sel] - (np.cumsum(group) - group), group)
         flat[np.arange(values.size) + shift] = values

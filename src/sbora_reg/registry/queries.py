@@ -246,7 +246,7 @@ def fetch_region_table(conn: Connection, base_id: int, fingerprint: str) -> Regi
     present = np.zeros(int(decoded.module_ids.max(initial=-1)) + 1, dtype=bool)
     present[decoded.module_ids] = True
     used = np.flatnonzero(present).tolist()
-    mods = (
+    mods = list(
         conn.execute(
             select(bm.id, bm.name, bm.out_features, bm.in_features).where(bm.id.in_(used))
         ).all()
