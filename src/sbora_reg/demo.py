@@ -32,9 +32,9 @@ StepHook = Callable[[str, int, int, float], None]
 class DemoConfig:
     workdir: Path
     skills: tuple[str, ...] = ("add", "sort")
-    steps: int = 60
+    steps: int = 40
     rank: int = 8
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 2e-3
     targets: tuple[str, ...] = TARGETS
     eval_examples: int = 128

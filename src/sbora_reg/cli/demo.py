@@ -25,7 +25,7 @@ from sbora_reg.cli import main
 @click.option(
     "--steps",
     type=click.IntRange(1),
-    default=60,
+    default=40,
     show_default=True,
     help="Training steps per skill.",
 )
