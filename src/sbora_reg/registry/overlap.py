@@ -459,7 +459,11 @@ def pairs_against(query: Footprint, table: RegionTable) -> list[PairOverlap]:
         return []
     shared = _segment_shares(query, table)  # (S,)
     hit = np.flatnonzero(shared)
-    hit = hit[np.lexsort((table.seg_module[hit], table.seg_adapter[hit]))]  # adapter, module
+    # Segments are in (module, variant, adapter) order and an adapter has one segment per
+    # module, so a stable sort by adapter leaves each adapter's modules in name order.
+    owners = table.seg_adapter[hit]
+    small = len(table.names) < 2**16  # 16-bit keys: numpy's stable sort is a radix sort
+    hit = hit[np.argsort(owners.astype(np.uint16) if small else owners, kind="stable")]
     owner = table.seg_adapter[hit]
     first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1]))).tolist()
     modules = np.array(table.modules, dtype=object)[table.seg_module[hit]].tolist()
