@@ -105,3 +105,52 @@ def test_encode_decode_widths() -> None:
     assert empty.flat.size == 0 and empty.counts.size == 0
     with pytest.raises(RegistryError):
         footprints.decode([tuple(small[k] for k in fields[:3]) + (3, small["indices"])])
+
+
+def _by_segment(dec: footprints.Decoded) -> dict[tuple[int, int], tuple[int, list[int]]]:
+    starts = np.cumsum(dec.counts) - dec.counts
+    return {
+        (int(r), int(mid)): (int(v), dec.flat[s : s + c].tolist())
+        for r, mid, v, s, c in zip(
+            dec.seg_row, dec.module_ids, dec.variants, starts, dec.counts, strict=True
+        )
+    }
+
+
+@pytest.mark.parametrize("high", [100, 70_000])  # both index widths
+def test_same_layout_rows_decode_module_by_module(high: int) -> None:
+    rng = np.random.default_rng(high)
+    rows = []
+    for _ in range(5):
+        regions = [
+            (
+                mid,
+                "fa" if mid % 2 else "fb",
+                np.append(rng.choice(high - 1, 3, replace=False), high - 1),
+            )
+            for mid in (3, 8, 9)
+        ]
+        row = footprints.encode(regions)
+        rows.append(tuple(row[k] for k in ("modules", "variants", "counts", "width", "indices")))
+    fast = footprints.decode(rows)
+    np.testing.assert_array_equal(fast.seg_row, np.tile(np.arange(5), 3))  # module-major
+    assert _by_segment(fast) == _by_segment(footprints._decode_rows(rows))
+
+
+def test_region_table_of_same_layout_adapters(
+    registry: Registry, tiny_base: Path, tmp_path: Path
+) -> None:
+    from sbora_reg.registry.overlap import Footprint, RegionTable
+
+    for i in range(4):
+        make_adapter(tmp_path / f"d{i}", tiny_base, "fb", r=3, seed=20 + i)
+        registry.add(tmp_path / f"d{i}", name=f"n{i}")
+    base = registry.get_base(str(tiny_base))
+    table = registry.region_table(base)
+    regions = registry.regions_on_base(base)
+    expected = RegionTable.from_footprints(
+        [Footprint(ref, base.fingerprint, regions[ref]) for ref in table.names]
+    )
+    assert table.modules == expected.modules and table.names == sorted(regions)
+    for name in ("seg_adapter", "seg_module", "seg_variant", "seg_count", "keys", "block_start"):
+        np.testing.assert_array_equal(getattr(table, name), getattr(expected, name))

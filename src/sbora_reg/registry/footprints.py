@@ -45,7 +45,10 @@ def encode(regions: Sequence[tuple[int, str, np.ndarray | None]]) -> dict[str, A
 
 @dataclass(frozen=True)
 class Decoded:
-    """Footprint rows as flat arrays; segment s covers ``counts[s]`` entries of ``flat``."""
+    """Footprint rows as flat arrays; segment s covers ``counts[s]`` entries of ``flat``.
+
+    Segments come row by row, or module by module when every row has the same layout.
+    """
 
     seg_row: np.ndarray  # (S,) int64, position of the segment's row in the input
     module_ids: np.ndarray  # (S,) int64
@@ -61,9 +64,22 @@ def _corrupt() -> RegistryError:
 def decode(rows: Sequence[tuple[Any, Any, Any, Any, Any]]) -> Decoded:
     """Rows of ``(modules, variants, counts, width, indices)`` bytes -> ``Decoded``.
 
-    Every field of every row is joined and read with one ``np.frombuffer``; only a registry
-    mixing index widths needs one more scatter.
+    Rows sharing one layout (the usual registry: same targets, variant and rank) are copied
+    once each into module-major order; otherwise every field of every row is joined and read
+    with one ``np.frombuffer``, and only a registry mixing index widths needs one more scatter.
     """
+    mods, variants, counts_b, widths_t, blobs = zip(*rows, strict=True) if rows else ((),) * 5
+    if len(rows) > 1 and all(
+        len(set(field)) == 1 for field in (mods, variants, counts_b, widths_t)
+    ):
+        same_layout = _same_layout(rows[0], blobs)
+        if same_layout is not None:
+            return same_layout
+    return _decode_rows(rows)
+
+
+def _decode_rows(rows: Sequence[tuple[Any, Any, Any, Any, Any]]) -> Decoded:
+    """``decode`` row by row: each field of every row joined and read at once."""
     mods, variants, counts_b, widths_t, blobs = zip(*rows, strict=True) if rows else ((),) * 5
     n_seg = np.array([len(b) for b in mods], dtype=np.int64) // _ID.itemsize
     widths = np.array(widths_t, dtype=np.int64)
@@ -94,6 +110,33 @@ def decode(rows: Sequence[tuple[Any, Any, Any, Any, Any]]) -> Decoded:
         variants=codes,
         counts=counts,
         flat=_flat(blobs, widths, row_entries),
+    )
+
+
+def _same_layout(first: tuple[Any, ...], blobs: Sequence[Any]) -> Decoded | None:
+    """Rows with one layout (same modules, variants, width and rank r > 0 everywhere).
+
+    Decoded module-major, as a region table orders them: segment ``(module j, row i)`` is
+    ``j * rows + i``, and each row is copied once into its ``(modules, rows, r)`` slot instead of
+    joining every row and then moving the segments.
+    """
+    layout = _decode_rows([first])
+    width = int(first[3])
+    n_mod, n_rows = layout.counts.size, len(blobs)
+    if not n_mod or layout.counts[0] <= 0 or (layout.counts != layout.counts[0]).any():
+        return None
+    rank = int(layout.counts[0])
+    if any(len(blob) != width * n_mod * rank for blob in blobs):
+        raise _corrupt()
+    dest = np.empty((n_mod, n_rows, rank), dtype=_DTYPES[width])
+    for i, blob in enumerate(blobs):
+        dest[:, i, :] = np.frombuffer(blob, dtype=_DTYPES[width]).reshape(n_mod, rank)
+    return Decoded(
+        seg_row=np.tile(np.arange(n_rows, dtype=np.int64), n_mod),
+        module_ids=np.repeat(layout.module_ids, n_rows),
+        variants=np.repeat(layout.variants, n_rows),
+        counts=np.full(n_mod * n_rows, rank, dtype=np.int64),
+        flat=dest.reshape(-1),
     )
 
 

@@ -387,6 +387,9 @@ def _block_order(block: np.ndarray, seg_adapter: np.ndarray) -> np.ndarray:
     Segments usually arrive adapter by adapter; then a stable sort on the block alone is enough,
     and on 16-bit keys numpy's stable sort is a radix sort (linear time).
     """
+    step = np.diff(block)
+    if (step >= 0).all() and (np.diff(seg_adapter)[step == 0] > 0).all():
+        return np.arange(block.size)  # already in order (e.g. decoded module by module)
     if seg_adapter.size and (np.diff(seg_adapter) >= 0).all():
         small = block.size == 0 or int(block.max()) < 2**16
         return np.argsort(block.astype(np.uint16) if small else block, kind="stable")
