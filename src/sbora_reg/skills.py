@@ -12,8 +12,9 @@ greedy decoding of the answer would produce).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,15 +89,23 @@ def train(
     return run_steps(model, batches, steps=steps, lr=lr, on_step=hook)
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, tokenizer, skill: Skill, *, n: int = 128, seed: int = 10_000
 ) -> SkillScore:
     """Held-out answer-token loss and exact-match rate (seed differs from training's)."""
+    return score(model, tokenizer, skill.examples(n, seed=seed))
+
+
+@torch.no_grad()
+def score(model: nn.Module, tokenizer, examples: Sequence[Any]) -> SkillScore:
+    """Answer-token loss (nats/token) and exact-match rate of ``model`` on ``examples``.
+
+    ``examples`` are ``(prompt, answer)`` pairs or ``training.Example`` objects.
+    """
     device = next(model.parameters()).device
     model.eval()
     total_loss, total_tokens, exact = 0.0, 0, 0
-    for batch in _batches(skill.examples(n, seed=seed), 32):
+    for batch in _batches(list(examples), 32):
         enc = encode(tokenizer, batch, device)
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         logits, labels = logits[:, :-1].float(), enc["labels"][:, 1:]  # predict token t+1
@@ -106,7 +115,9 @@ def evaluate(
         total_tokens += int(answer.sum())
         right = (logits.argmax(-1) == labels) | ~answer
         exact += int(right.all(dim=1).sum())
-    return SkillScore(loss=total_loss / total_tokens, exact=exact / n, n=n)
+    return SkillScore(
+        loss=total_loss / max(total_tokens, 1), exact=exact / len(examples), n=len(examples)
+    )
 
 
 def retention(base: SkillScore, alone: SkillScore, composed: SkillScore) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from sbora_reg.cli import main
 from sbora_reg.cli.adapters import echo_json, open_registry
 from sbora_reg.errors import SboraRegError
 from sbora_reg.registry.compose import FORMATS, OUT_DTYPES, ComposeResult, compose
+from sbora_reg.retention import RetentionRow, composed_model, eval_members, measure_retention
 
 
 def _shard_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
@@ -86,6 +88,16 @@ def _render(result: ComposeResult) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Run every check, write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option(
+    "--eval",
+    "evals",
+    multiple=True,
+    metavar="NAME[@V]=FILE.jsonl",
+    callback=lambda _c, _p, v: _eval_pairs(v),
+    help="Measure how much of this member's skill survives: answer loss and exact match on FILE "
+    "(JSONL prompt/answer lines) for the base, the member alone, and the composition. Repeat "
+    "per member.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def compose_cmd(
@@ -99,11 +111,13 @@ def compose_cmd(
     shard_size: int,
     dry_run: bool,
     force: bool,
+    evals: dict[str, str],
     as_json: bool,
 ) -> None:
     """Compose registered adapters onto BASE: checked for overlap, written atomically, recorded."""
     command = shlex.join(["sbora-reg", *sys.argv[1:]])
     with open_registry(ctx) as registry, _progress(as_json or dry_run) as bar:
+        members = eval_members(registry, refs, evals)  # a bad --eval fails before writing
         task = bar.add_task("compose", total=None, tensor="")
         result = compose(
             registry, refs, base, out, fmt, dtype=dtype, shard_size=shard_size,
@@ -111,7 +125,44 @@ def compose_cmd(
             progress=lambda done, total, name: bar.update(task, completed=done, total=total,
                                                           tensor=name),
         )  # fmt: skip
+    rows = [] if dry_run or not members else _measure(base, result, members, as_json)
     if as_json:
-        echo_json(result.to_dict())
+        echo_json({**result.to_dict(), "retention": [r.to_json() for r in rows]})
     else:
         _render(result)
+        _render_retention(rows)
+
+
+def _eval_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        ref, sep, path = value.partition("=")
+        if not sep or not ref or not path:
+            raise click.BadParameter(f"{value!r} is not NAME[@V]=FILE.jsonl")
+        pairs[ref] = path
+    return pairs
+
+
+def _measure(base: Path, result: ComposeResult, members: list, quiet: bool) -> list[RetentionRow]:
+    console = Console(stderr=True, quiet=quiet)
+    console.print("Measuring each member's skill: base, alone, composed ...")
+    model = composed_model(base, Path(result.out), result.format)
+    return measure_retention(base, model, members, lambda name: console.print(f"  {name}"))
+
+
+def _render_retention(rows: list[RetentionRow]) -> None:
+    if not rows:
+        return
+    table = Table(title="How much of each member's skill survived the composition")
+    for col in ("member", "loss: base → alone → composed", "exact: base → alone → composed"):
+        table.add_column(col)
+    table.add_column("kept", justify="right")
+    for r in rows:
+        kept = "n/a" if math.isnan(r.retention) else f"{r.retention:.0%}"
+        table.add_row(
+            r.member,
+            f"{r.base.loss:.3f} → {r.alone.loss:.3f} → {r.composed.loss:.3f}",
+            f"{r.base.exact:.0%} → {r.alone.exact:.0%} → {r.composed.exact:.0%}",
+            kept,
+        )
+    Console().print(table)

@@ -1,0 +1,111 @@
+"""How much of each member's skill survives a composition, measured on the member's own data.
+
+Disjoint regions keep weights apart, not skills: every member still reads the activations the
+others changed. For each member with evaluation examples we score the base model, the base with
+that member alone (applied unmerged), and the composed model, all on the same examples, and
+report the share of the member's loss improvement that the composed model keeps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sbora_reg.errors import ConfigError
+from sbora_reg.sbora import Adapter, unload
+from sbora_reg.skills import SkillScore, retention, score
+
+
+@dataclass(frozen=True)
+class RetentionRow:
+    """One member's skill on the base, alone, and in the composition."""
+
+    member: str
+    base: SkillScore
+    alone: SkillScore
+    composed: SkillScore
+
+    @property
+    def retention(self) -> float:
+        return retention(self.base, self.alone, self.composed)
+
+    def to_json(self) -> dict[str, Any]:
+        kept = self.retention
+        return {
+            "member": self.member,
+            "examples": self.base.n,
+            "base": self.base.__dict__,
+            "alone": self.alone.__dict__,
+            "composed": self.composed.__dict__,
+            "retention": None if math.isnan(kept) else kept,
+        }
+
+
+def _load(path: Path) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load a causal LM with its tokenizer from {path}: {exc}"
+        ) from None
+    return model, tokenizer
+
+
+def composed_model(base_dir: Path, out: Path, fmt: str) -> nn.Module:
+    """The composition as a model: the merged checkpoint, or the base with the composed adapter."""
+    if fmt == "merged":
+        return _load(out)[0]
+    adapter = Adapter.load(out) if fmt == "adapter" else Adapter.from_peft(out)
+    return adapter.apply(_load(base_dir)[0])
+
+
+def measure_retention(
+    base_dir: str | Path,
+    composed: nn.Module,
+    members: Sequence[tuple[str, Adapter, Sequence[Any]]],
+    on_member: Callable[[str], None] | None = None,
+) -> list[RetentionRow]:
+    """Score ``(name, adapter, examples)`` members on the base, alone and in ``composed``."""
+    base, tokenizer = _load(Path(base_dir))
+    rows = []
+    for name, adapter, examples in members:
+        if on_member is not None:
+            on_member(name)
+        before = score(base, tokenizer, examples)
+        alone = score(adapter.apply(base), tokenizer, examples)
+        base = unload(base)  # removes the wrappers; the base weights were never changed
+        rows.append(RetentionRow(name, before, alone, score(composed, tokenizer, examples)))
+    return rows
+
+
+def eval_members(
+    registry: Any, refs: Sequence[str], evals: Mapping[str, str | Path]
+) -> list[tuple[str, Adapter, list[Any]]]:
+    """Resolve ``{member ref: JSONL file}`` against the composition's ``refs`` and load both.
+
+    Every key must name one of the members (``name`` or ``name@version``); data files are read
+    up front so that a bad file fails before anything is composed.
+    """
+    from sbora_reg.registry.compose import load_members
+    from sbora_reg.training import load_examples
+
+    loaded = {record.ref: member for record, member in load_members(registry, refs)}
+    chosen: list[tuple[str, Adapter, list[Any]]] = []
+    for key, path in evals.items():
+        ref = registry.resolve(key).ref
+        if ref not in loaded:
+            raise ConfigError(
+                f"--eval names {key}, which is not a member of this composition "
+                f"({', '.join(loaded)})"
+            )
+        chosen.append((ref, loaded[ref].adapter, load_examples(path)))
+    return chosen

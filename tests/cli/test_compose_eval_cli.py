@@ -1,0 +1,110 @@
+"""`sbora-reg compose --eval`: each member's skill on the base, alone and composed, measured on its
+own data and checked against losses computed independently (HF's own label loss on dense
+weights W0 + ΔW built from the adapters)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sbora_reg import sbora
+from sbora_reg.cli import main
+from sbora_reg.registry.store import Registry
+from sbora_reg.training import encode, train_adapter
+
+
+def _data(path: Path, offset: int) -> Path:
+    rows = [{"prompt": f"{i}*{offset}=", "answer": str(i * offset)} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _adapter(base: Path, out: Path, data: Path, variant: str, targets: tuple[str, ...]) -> Path:
+    """A briefly trained adapter, so that its skill (lower loss on ``data``) is real."""
+    cfg = sbora.SBoRAConfig(variant=variant, r=4, alpha=8, target_modules=targets)
+    train_adapter(base, data, out, config=cfg, steps=25, batch_size=12, lr=3e-2)
+    return out
+
+
+def _hf_loss(model, tokenizer, path: Path) -> float:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    batch = encode(tokenizer, [(r["prompt"], r["answer"]) for r in rows], torch.device("cpu"))
+    with torch.no_grad():
+        return float(model(**batch).loss)  # mean NLL over the answer tokens (one batch)
+
+
+def _dense(base: Path, adapters: list[sbora.Adapter]):
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        for adapter in adapters:
+            for name in adapter.modules:
+                weights[f"{name}.weight"] += adapter.delta(name)
+    return model
+
+
+@pytest.fixture
+def setup(tmp_path: Path, tiny_lm_dir: Path):
+    db = str(tmp_path / "reg.db")
+    d3, d7 = _data(tmp_path / "t3.jsonl", 3), _data(tmp_path / "t7.jsonl", 7)
+    a = _adapter(tiny_lm_dir, tmp_path / "a", d3, "fa", ("q_proj", "up_proj"))
+    b = _adapter(tiny_lm_dir, tmp_path / "b", d7, "fb", ("v_proj", "down_proj"))
+    with Registry.open(db) as reg:
+        reg.add_base(tiny_lm_dir)
+        reg.add(a, name="times3", base=str(tiny_lm_dir))
+        reg.add(b, name="times7", base=str(tiny_lm_dir))
+    return db, a, b, d3, d7
+
+
+def test_eval_reports_base_alone_composed_against_dense_losses(setup, tmp_path, tiny_lm_dir):
+    db, a, b, d3, d7 = setup
+    out = tmp_path / "composed"
+    res = CliRunner().invoke(
+        main,
+        ["--db", db, "compose", "times3", "times7", "--base", str(tiny_lm_dir), "--out", str(out),
+         "--eval", f"times3={d3}", "--eval", f"times7@1={d7}", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = {r["member"]: r for r in json.loads(res.stdout)["retention"]}
+    assert set(rows) == {"times3@1", "times7@1"}
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    ad_a, ad_b = sbora.Adapter.load(a), sbora.Adapter.load(b)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    composed = _dense(tiny_lm_dir, [ad_a, ad_b])
+    for member, adapter, data in (("times3@1", ad_a, d3), ("times7@1", ad_b, d7)):
+        row = rows[member]
+        want = {
+            "base": _hf_loss(base, tok, data),
+            "alone": _hf_loss(_dense(tiny_lm_dir, [adapter]), tok, data),
+            "composed": _hf_loss(composed, tok, data),
+        }
+        for key, loss in want.items():
+            assert row[key]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-5), key
+            assert row[key]["n"] == 12
+        gained = want["base"] - want["alone"]
+        assert gained > 0.1  # the member really learned its data
+        expected = (want["base"] - want["composed"]) / gained
+        assert row["retention"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_eval_of_a_non_member_or_bad_file_fails_before_writing(setup, tmp_path, tiny_lm_dir):
+    db, _, _, d3, _ = setup
+    out = tmp_path / "composed"
+    runner = CliRunner()
+    common = ["--db", db, "compose", "times3", "times7", "--base", str(tiny_lm_dir)]
+    res = runner.invoke(main, [*common, "--out", str(out), "--eval", f"nobody={d3}"])
+    assert res.exit_code == 1 and "Error:" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1"}\nnot json\n')
+    res = runner.invoke(main, [*common, "--out", str(out), "--eval", f"times3={bad}"])
+    assert res.exit_code == 1 and "line 1" in res.output
+    res = runner.invoke(main, [*common, "--out", str(out), "--eval", "times3"])
+    assert res.exit_code == 2
+    assert not out.exists()
+    assert not list(tmp_path.glob("composed*"))
