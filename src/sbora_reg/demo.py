@@ -20,6 +20,7 @@ import torch
 
 from sbora_reg import sbora, skills
 from sbora_reg.basemodel import prepare_base
+from sbora_reg.retention import RetentionRow
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,6 @@ class DemoConfig:
 
 
 @dataclass
-class SkillRow:
-    skill: str
-    base: skills.SkillScore
-    alone: skills.SkillScore
-    composed: skills.SkillScore
-
-    @property
-    def retention(self) -> float:
-        return skills.retention(self.base, self.alone, self.composed)
-
-
-@dataclass
 class DemoReport:
     workdir: str
     base_dir: str
@@ -63,14 +52,13 @@ class DemoReport:
     audit_unexplained: int
     audit_changed: int
     merged_vs_unmerged_max_abs: float
-    rows: list[SkillRow] = field(default_factory=list)
+    rows: list[RetentionRow] = field(default_factory=list)
     picture: str | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for row, data in zip(self.rows, out["rows"], strict=True):
-            data["retention"] = row.retention
+        out["rows"] = [{"skill": row.member, **row.to_json()} for row in self.rows]
         return out
 
 
@@ -82,18 +70,15 @@ def _load(base: Path) -> torch.nn.Module:
 
 def _fresh(workdir: Path) -> None:
     """Start each run from an empty registry; keep the cached base checkpoint."""
-    for name in ("registry.db", "registry.db-wal", "registry.db-shm", "registry.db.d"):
+    for name in (
+        *("registry.db", "registry.db-wal", "registry.db-shm", "registry.db.d"),
+        *("adapters", "indices", "composed", "audit.png"),
+    ):
         path = workdir / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    for name in ("adapters", "indices", "composed", "audit.png"):
-        target = workdir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def run_demo(
@@ -203,7 +188,7 @@ def run_demo(
         )
 
     rows = [
-        SkillRow(s.name, base_scores[s.name], alone[s.name], composed_scores[s.name])
+        RetentionRow(s.name, base_scores[s.name], alone[s.name], composed_scores[s.name])
         for s in chosen
     ]
     registry.close()

@@ -47,25 +47,21 @@ class RetentionRow:
         }
 
 
-def _load(path: Path) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _model(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load a causal LM with its tokenizer from {path}: {exc}"
-        ) from None
-    return model, tokenizer
+        raise ConfigError(f"cannot load a causal LM from {path}: {exc}") from None
 
 
 def composed_model(base_dir: Path, out: Path, fmt: str) -> nn.Module:
     """The composition as a model: the merged checkpoint, or the base with the composed adapter."""
     if fmt == "merged":
-        return _load(out)[0]
+        return _model(out)
     adapter = Adapter.load(out) if fmt == "adapter" else Adapter.from_peft(out)
-    return adapter.apply(_load(base_dir)[0])
+    return adapter.apply(_model(base_dir))
 
 
 def measure_retention(
@@ -75,7 +71,9 @@ def measure_retention(
     on_member: Callable[[str], None] | None = None,
 ) -> list[RetentionRow]:
     """Score ``(name, adapter, examples)`` members on the base, alone and in ``composed``."""
-    base, tokenizer = _load(Path(base_dir))
+    from sbora_reg.training import load_model
+
+    base, tokenizer = load_model(Path(base_dir), torch.float32, torch.device("cpu"))
     rows = []
     for name, adapter, examples in members:
         if on_member is not None:
@@ -98,6 +96,8 @@ def eval_members(
     from sbora_reg.registry.compose import load_members
     from sbora_reg.training import load_examples
 
+    if not evals:
+        return []
     loaded = {record.ref: member for record, member in load_members(registry, refs)}
     chosen: list[tuple[str, Adapter, list[Any]]] = []
     for key, path in evals.items():

@@ -322,7 +322,7 @@ def resolve_config(
     )
 
 
-def _load_model(base_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+def load_model(base_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
     """The causal LM and its tokenizer from one local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -372,7 +372,7 @@ def train_adapter(
     with _process_group() as (rank, world):
         device = _device(world)
         torch.manual_seed(seed)  # adapter dropout
-        model, tokenizer = _load_model(base_dir, dtype, device)
+        model, tokenizer = load_model(base_dir, dtype, device)
         sbora.inject(model, config, indices=None if indices is None else Path(indices))
         if gradient_checkpointing:
             # non-reentrant: works with frozen inputs and with DDP

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.table import Table
 from sbora_reg.checkpoint import parse_size
 from sbora_reg.cli import main
 from sbora_reg.cli.adapters import echo_json, open_registry
+from sbora_reg.cli.tables import retention_table
 from sbora_reg.errors import SboraRegError
 from sbora_reg.registry.compose import FORMATS, OUT_DTYPES, ComposeResult, compose
 from sbora_reg.retention import RetentionRow, composed_model, eval_members, measure_retention
@@ -151,18 +151,6 @@ def _measure(base: Path, result: ComposeResult, members: list, quiet: bool) -> l
 
 
 def _render_retention(rows: list[RetentionRow]) -> None:
-    if not rows:
-        return
-    table = Table(title="How much of each member's skill survived the composition")
-    for col in ("member", "loss: base → alone → composed", "exact: base → alone → composed"):
-        table.add_column(col)
-    table.add_column("kept", justify="right")
-    for r in rows:
-        kept = "n/a" if math.isnan(r.retention) else f"{r.retention:.0%}"
-        table.add_row(
-            r.member,
-            f"{r.base.loss:.3f} → {r.alone.loss:.3f} → {r.composed.loss:.3f}",
-            f"{r.base.exact:.0%} → {r.alone.exact:.0%} → {r.composed.exact:.0%}",
-            kept,
-        )
-    Console().print(table)
+    if rows:
+        title = "How much of each member's skill survived the composition"
+        Console().print(retention_table(rows, title))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from sbora_reg.cli import main
+from sbora_reg.cli.tables import retention_table
+
+if TYPE_CHECKING:
+    from sbora_reg.demo import DemoReport
 
 
 @main.command()
@@ -68,18 +71,9 @@ def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
     _render(report)
 
 
-def _render(report) -> None:  # type: ignore[no-untyped-def]
-    table = Table(title="How much of each skill survived composition (held-out examples)")
-    for col in ("skill", "loss: base → alone → composed", "exact: base → alone → composed", "kept"):
-        table.add_column(col, justify="left" if col == "skill" else "right")
-    for row in report.rows:
-        kept = "n/a" if math.isnan(row.retention) else f"{row.retention:.0%}"
-        table.add_row(
-            row.skill,
-            f"{row.base.loss:.3f} → {row.alone.loss:.3f} → {row.composed.loss:.3f}",
-            f"{row.base.exact:.0%} → {row.alone.exact:.0%} → {row.composed.exact:.0%}",
-            kept,
-        )
+def _render(report: DemoReport) -> None:
+    title = "How much of each skill survived composition (held-out examples)"
+    table = retention_table(report.rows, title, label="skill")
     console = Console()
     console.print(table)
     console.print(
