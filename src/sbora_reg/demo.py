@@ -20,7 +20,7 @@ import torch
 
 from sbora_reg import sbora, skills
 from sbora_reg.basemodel import prepare_base
-from sbora_reg.retention import RetentionRow
+from sbora_reg.retention import RetentionRow, measure_retention
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,6 @@ def run_demo(
     base_rec = registry.add_base(base)
     chosen = [skills.SKILLS[name] for name in cfg.skills]
 
-    say("measuring the base model on every skill")
-    model = _load(base)
-    base_scores = {
-        s.name: skills.evaluate(model, tokenizer, s, n=cfg.eval_examples) for s in chosen
-    }
-    del model
-
-    alone: dict[str, skills.SkillScore] = {}
     refs: list[str] = []
     for i, skill in enumerate(chosen):
         alloc = allocate(
@@ -147,7 +139,6 @@ def run_demo(
             seed=i,
             on_step=hook,
         )
-        alone[skill.name] = skills.evaluate(model, tokenizer, skill, n=cfg.eval_examples)
         adapter = sbora.extract(model)
         adapter.base_model = str(base)
         adapter_dir = adapter.save(workdir / "adapters" / skill.name)
@@ -169,11 +160,13 @@ def run_demo(
     picture = workdir / "audit.png"
     audit_mod.render_png(registry, base_rec.name, picture)
 
-    say("measuring the composed model on every skill")
+    say("measuring every skill on the base, each adapter alone, and the composed model")
     composed = _load(composed_dir)
-    composed_scores = {
-        s.name: skills.evaluate(composed, tokenizer, s, n=cfg.eval_examples) for s in chosen
-    }
+    held_out = [
+        (s.name, member.adapter, s.examples(cfg.eval_examples, seed=skills.HELD_OUT_SEED))
+        for s, (_, member) in zip(chosen, loaded, strict=True)
+    ]
+    rows = measure_retention(base, composed, held_out)
     # The merged checkpoint must equal the base with every member applied unmerged.
     unmerged = combine([m for _, m in loaded], base_rec.fingerprint).apply(_load(base))
     probe = skills.encode(tokenizer, chosen[0].examples(8, seed=7), torch.device("cpu"))
@@ -187,10 +180,6 @@ def run_demo(
             .max()
         )
 
-    rows = [
-        RetentionRow(s.name, base_scores[s.name], alone[s.name], composed_scores[s.name])
-        for s in chosen
-    ]
     registry.close()
     return DemoReport(
         workdir=str(workdir),

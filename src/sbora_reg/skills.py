@@ -23,6 +23,9 @@ from sbora_reg.training import encode, run_steps
 
 Example = tuple[str, str]
 
+# Evaluation examples are drawn with this seed; training uses small seeds (0, 1, ...).
+HELD_OUT_SEED = 10_000
+
 
 @dataclass(frozen=True)
 class Skill:
@@ -90,7 +93,7 @@ def train(
 
 
 def evaluate(
-    model: nn.Module, tokenizer, skill: Skill, *, n: int = 128, seed: int = 10_000
+    model: nn.Module, tokenizer, skill: Skill, *, n: int = 128, seed: int = HELD_OUT_SEED
 ) -> SkillScore:
     """Held-out answer-token loss and exact-match rate (seed differs from training's)."""
     return score(model, tokenizer, skill.examples(n, seed=seed))
