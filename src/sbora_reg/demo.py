@@ -20,7 +20,7 @@ import torch
 
 from sbora_reg import sbora, skills
 from sbora_reg.basemodel import prepare_base
-from sbora_reg.retention import RetentionRow, measure_retention
+from sbora_reg.retention import RetentionRow, load_causal_lm, measure_retention
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,6 @@ class DemoReport:
         out = asdict(self)
         out["rows"] = [{"skill": row.member, **row.to_json()} for row in self.rows]
         return out
-
-
-def _load(base: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
 def _fresh(workdir: Path) -> None:
@@ -123,7 +117,7 @@ def run_demo(
             f"allocated {len(alloc.indices)} disjoint column sets for '{skill.name}' "
             f"(reservation {alloc.reservation_id})"
         )
-        model = _load(base)
+        model = load_causal_lm(base)
         config = sbora.SBoRAConfig(
             variant="fa", r=cfg.rank, alpha=2 * cfg.rank, target_modules=tuple(cfg.targets)
         )
@@ -161,14 +155,14 @@ def run_demo(
     audit_mod.render_png(registry, base_rec.name, picture)
 
     say("measuring every skill on the base, each adapter alone, and the composed model")
-    composed = _load(composed_dir)
+    composed = load_causal_lm(composed_dir)
     held_out = [
         (s.name, member.adapter, s.examples(cfg.eval_examples, seed=skills.HELD_OUT_SEED))
         for s, (_, member) in zip(chosen, loaded, strict=True)
     ]
     rows = measure_retention(base, composed, held_out)
     # The merged checkpoint must equal the base with every member applied unmerged.
-    unmerged = combine([m for _, m in loaded], base_rec.fingerprint).apply(_load(base))
+    unmerged = combine([m for _, m in loaded], base_rec.fingerprint).apply(load_causal_lm(base))
     probe = skills.encode(tokenizer, chosen[0].examples(8, seed=7), torch.device("cpu"))
     with torch.no_grad():
         diff = (

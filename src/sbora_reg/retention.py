@@ -47,7 +47,8 @@ class RetentionRow:
         }
 
 
-def _model(path: Path) -> nn.Module:
+def load_causal_lm(path: Path) -> nn.Module:
+    """A local causal LM in float32 (no tokenizer), with a one-line error."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -59,9 +60,9 @@ def _model(path: Path) -> nn.Module:
 def composed_model(base_dir: Path, out: Path, fmt: str) -> nn.Module:
     """The composition as a model: the merged checkpoint, or the base with the composed adapter."""
     if fmt == "merged":
-        return _model(out)
+        return load_causal_lm(out)
     adapter = Adapter.load(out) if fmt == "adapter" else Adapter.from_peft(out)
-    return adapter.apply(_model(base_dir))
+    return adapter.apply(load_causal_lm(base_dir))
 
 
 def measure_retention(
