@@ -322,8 +322,17 @@ def resolve_config(
     )
 
 
-def load_model(base_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
-    """The causal LM and its tokenizer from one local directory."""
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
+
+
+def load_model(
+    base_dir: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None
+) -> tuple[nn.Module, Any]:
+    """The causal LM and its tokenizer from one local directory.
+
+    ``quantize`` (nf4 | fp4 | int8) loads the linear layers through bitsandbytes (4-bit with
+    double quantisation and ``dtype`` as compute dtype, or LLM.int8), prepared for training.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (base_dir / "config.json").is_file():
@@ -334,11 +343,36 @@ def load_model(base_dir: Path, dtype: torch.dtype, device: torch.device) -> tupl
         raise ConfigError(f"cannot load a tokenizer from {base_dir}: {exc}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {base_dir} has no EOS token")
+    if quantize is not None:
+        return _load_quantized(base_dir, dtype, device, quantize), tokenizer
     try:
         model: nn.Module = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load a causal LM from {base_dir}: {exc}") from None
     return model.to(device), tokenizer
+
+
+def _load_quantized(
+    base_dir: Path, dtype: torch.dtype, device: torch.device, quantize: str
+) -> nn.Module:
+    from sbora_reg.sbora import quant
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(
+            f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}"
+        )
+    placement = {"device_map": {"": device.index}} if device.type == "cuda" else {}
+    model = quant.load_quantized(
+        base_dir,
+        bits=8 if quantize == "int8" else 4,
+        quant_type="nf4" if quantize == "int8" else quantize,
+        double_quant=True,
+        compute_dtype=dtype,
+        dtype=dtype,
+        **placement,
+    )
+    # checkpointing, when asked, is turned on by train_adapter for both kinds of base
+    return quant.prepare_for_training(model, gradient_checkpointing=False)
 
 
 def train_adapter(
@@ -355,6 +389,7 @@ def train_adapter(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
+    quantize: str | None = None,
     on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train an SBoRA adapter on ``base_dir`` and save it (atomically) to ``out_dir``.
@@ -362,6 +397,8 @@ def train_adapter(
     ``indices``: an allocated indices file (variant and base fingerprint must match). Under
     torchrun (WORLD_SIZE > 1) ``batch_size`` is per rank, batches are sharded by rank, gradients
     are averaged by DDP and only rank 0 writes ``out_dir``. Deterministic for a ``seed``.
+    ``quantize`` (nf4 | fp4 | int8) trains on a bitsandbytes-quantised base (QSBoRA, see
+    ``load_model``); the adapter stays in 16/32-bit and records how its base was quantised.
     """
     if (steps is not None and steps < 1) or epochs < 1 or batch_size < 1:
         raise ConfigError("steps, epochs and batch_size must be positive")
@@ -372,7 +409,7 @@ def train_adapter(
     with _process_group() as (rank, world):
         device = _device(world)
         torch.manual_seed(seed)  # adapter dropout
-        model, tokenizer = load_model(base_dir, dtype, device)
+        model, tokenizer = load_model(base_dir, dtype, device, quantize)
         sbora.inject(model, config, indices=None if indices is None else Path(indices))
         if gradient_checkpointing:
             # non-reentrant: works with frozen inputs and with DDP

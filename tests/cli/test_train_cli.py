@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from sbora_reg import sbora
@@ -171,3 +172,73 @@ def test_usage_errors_and_human_output(tmp_path: Path, tiny_lm_dir: Path) -> Non
     adapter = sbora.Adapter.load(out)
     assert adapter.config.variant == "fa" and adapter.config.alpha == 8.0
     assert all(name.endswith("o_proj") for name in adapter.modules)
+
+
+@pytest.mark.parametrize(
+    ("quantize", "label"), [("nf4", "bnb-nf4-dq"), ("int8", "bnb-int8")], ids=["nf4", "int8"]
+)
+@pytest.mark.parametrize("variant", ["fa", "fb"])
+def test_train_on_a_quantised_base_then_merge_dequantized_is_regional(
+    tmp_path: Path, tiny_lm_dir: Path, quantize: str, label: str, variant: str
+) -> None:
+    """QSBoRA end to end: train on the quantised base, run it for inference (where bitsandbytes'
+    CPU backend may repack 4-bit weights), merge: weights outside the region stay bit-identical
+    to the dequantised base."""
+    import torch
+
+    from sbora_reg.sbora import quant
+
+    out = tmp_path / "adapter"
+    res = CliRunner().invoke(
+        main,
+        [
+            "--db",
+            str(tmp_path / "reg.db"),
+            "train",
+            "--base",
+            str(tiny_lm_dir),
+            "--data",
+            str(_data(tmp_path / "d.jsonl")),
+            "--out",
+            str(out),
+            "--quantize",
+            quantize,
+            "--variant",
+            variant,
+            "--rank",
+            "4",
+            "--targets",
+            "q_proj,down_proj",
+            "--steps",
+            "3",
+            "--lr",
+            "5e-2",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    adapter = sbora.Adapter.load(out)
+    assert adapter.metadata["quantization"] == label
+    bits = 8 if quantize == "int8" else 4
+    model = quant.load_quantized(
+        tiny_lm_dir, bits=bits, quant_type="nf4", double_quant=True, compute_dtype=torch.float32
+    )
+    base = {n: quant.dequantize_weight(model.get_submodule(n)) for n in adapter.modules}
+    model = adapter.apply(model).eval()
+    with torch.no_grad():
+        model(torch.randint(3, 90, (2, 7)))  # inference forwards, before the merge
+        model(torch.randint(3, 90, (1, 1)))
+    quant.merge_dequantized(model, dtype=torch.float32)
+    for name, module in adapter.modules.items():
+        merged = model.get_submodule(name).base_layer.weight.detach()
+        delta = module.delta().float()  # dense ΔW (out, in)
+        region = torch.zeros(delta.shape, dtype=torch.bool)
+        if variant == "fa":
+            region[:, module.indices] = True
+        else:
+            region[module.indices, :] = True
+        assert not torch.equal(merged[region], base[name][region])
+        assert torch.equal(merged[~region], base[name][~region])  # bit-identical outside
+        expected = base[name] + delta
+        # one float32 addition per touched weight
+        assert ((merged - expected).abs() <= 2.0**-24 * expected.abs()).all()

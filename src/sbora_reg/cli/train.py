@@ -109,6 +109,13 @@ def _main_process() -> bool:
 @click.option("--bf16", is_flag=True, help="Load the base and train in bfloat16.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
 @click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "fp4", "int8"]),
+    help="Train on a bitsandbytes-quantised base (QSBoRA): 4-bit NF4/FP4 with double "
+    "quantisation (compute dtype: bfloat16 with --bf16, else float32) or LLM.int8. The adapter "
+    "stays in 16/32-bit; merge it with sbora.quant.merge_dequantized.",
+)
+@click.option(
     "--register",
     "register_as",
     metavar="NAME",
@@ -134,6 +141,7 @@ def train(
     seed: int,
     bf16: bool,
     gradient_checkpointing: bool,
+    quantize: str | None,
     register_as: str | None,
     task: str | None,
     as_json: bool,
@@ -172,6 +180,7 @@ def train(
             seed=seed,
             dtype=torch.bfloat16 if bf16 else torch.float32,
             gradient_checkpointing=gradient_checkpointing,
+            quantize=quantize,
             on_step=on_step,
         )
     if result.rank != 0:

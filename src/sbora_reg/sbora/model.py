@@ -32,6 +32,7 @@ from sbora_reg.sbora.fingerprint import (
 from sbora_reg.sbora.indices import IndicesLike, default_indices, read_indices_file
 from sbora_reg.sbora.indices import validate_indices as _validate
 from sbora_reg.sbora.layer import SBoRALayer, is_adapter_param
+from sbora_reg.sbora.quant import keep_standard_layout, quantization_metadata
 
 CONFIG_ATTR = "_sbora_config"
 _LAYER_KINDS = ("linear", "conv1d")
@@ -96,9 +97,14 @@ def _find_targets(model: nn.Module, config: SBoRAConfig) -> dict[str, tuple[str,
 
 # ---- wrapping -------------------------------------------------------------------------------
 def _wrap(model: nn.Module, specs: Mapping[str, _Spec], dropout: float) -> dict[str, SBoRALayer]:
-    """Freeze every parameter and replace each named module by an ``SBoRALayer``."""
+    """Freeze every parameter and replace each named module by an ``SBoRALayer``.
+
+    A 4-bit base stays in bitsandbytes' standard layout, so that the layer computes with what
+    ``quant.dequantize_weight`` reads (merges stay regional).
+    """
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_standard_layout(model)
     layers: dict[str, SBoRALayer] = {}
     for name, spec in specs.items():
         parent_name, _, child = name.rpartition(".")
@@ -234,7 +240,6 @@ def extract(model: nn.Module) -> Adapter:
     if not isinstance(config, SBoRAConfig):
         config = _config_from_layers(layers)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    from sbora_reg.sbora.quant import quantization_metadata  # QSBoRA: how the base was quantised
 
     return Adapter(
         config=config,

@@ -124,11 +124,12 @@ def load_quantized(
     else:
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=qconfig, dtype=dtype, **kwargs
         )
     except OSError as exc:
         raise ConfigError(f"cannot load a model from {path}: {exc}") from exc
+    return keep_standard_layout(model)
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
@@ -137,8 +138,10 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) 
     Freezes every parameter (``sbora.inject`` then adds the trainable adapter), upcasts 16-bit
     parameters that are not quantised (norms, embeddings, head) to float32 for stable training,
     and with ``gradient_checkpointing`` turns it on (non-reentrant) with input gradients enabled,
-    so that checkpointed blocks still pass gradients back to the adapters.
+    so that checkpointed blocks still pass gradients back to the adapters. 4-bit layers are kept
+    in the standard layout (``keep_standard_layout``).
     """
+    keep_standard_layout(model)
     for param in model.parameters():
         param.requires_grad_(False)
         if type(param).__name__ not in _QUANT_PARAM_NAMES and param.dtype in FLOAT_DTYPES[1:]:
@@ -164,30 +167,65 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) 
 # --------------------------------------------------------------------------- dequantisation
 
 
-def _packed_cpu_to_float(weight: torch.Tensor, state: Any) -> torch.Tensor:
-    """Dequantise a 4-bit weight that bitsandbytes repacked for its AVX512-BF16 CPU kernel.
+def _is_4bit(module: nn.Module) -> bool:
+    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
-    On such CPUs the first eval-mode forward rewrites the weight in place into a tiled layout
-    and stores the block scales as bf16 (out/blocksize... transposed); undo the layout on a copy.
+
+def _repacked_for_cpu(state: Any) -> bool:
+    """Whether bitsandbytes' CPU backend has repacked this 4-bit weight for its fused kernel."""
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def _standard_layout(weight: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """A CPU-repacked 4-bit weight in bitsandbytes' standard layout, on a copy, same values.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight in place at the first eval-mode,
+    no-grad forward (``quant_state.packing_format_for_cpu`` marks it): the codes are tiled, and
+    the block scales (double-quantised ones expanded first) are stored as bf16 in (in/blocksize,
+    out) order. The kernel then computes with ``code · bf16(scale)``. bitsandbytes' own inverse
+    undoes the tiling; told that the scales are not nested it keeps those bf16 scales instead of
+    quantising them again (which would change the weights once more), but leaves them in the
+    kernel's order: the standard layout wants them flat, row-major, as float32.
     """
     import bitsandbytes.functional as bnbf
 
     state = copy.deepcopy(state)
-    state.original_nested = False  # keep the bf16 scales the kernel uses; do not re-quantise them
-    data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data.clone(), state)
-    out, inp = state.shape
-    absmax = state.absmax.T.reshape(-1).float()  # (out*in/blocksize,)
-    return torch.ops.bitsandbytes.dequantize_4bit.default(
-        data.view(-1, 1), absmax, state.blocksize, state.quant_type, (out, inp), torch.float32
-    )
+    state.original_nested = False
+    data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.detach().clone(), state)
+    state.absmax = state.absmax.T.reshape(-1).float()  # (out·in/blocksize,)
+    return data, state
+
+
+def keep_standard_layout(model: nn.Module) -> nn.Module:
+    """Keep every 4-bit layer of ``model`` in bitsandbytes' standard layout, in place.
+
+    A layer that was already repacked for the CPU kernel is unpacked to the same values
+    (``code · bf16(scale)``), and no layer repacks itself later: so each layer computes with
+    exactly ``dequantize_weight``'s tensor, before and after any forward, in its compute dtype,
+    on every CPU (and on CUDA, where nothing is repacked). The price on AVX512-BF16 CPUs is
+    bitsandbytes' unfused inference path. Returns ``model``.
+    """
+    for module in model.modules():
+        if not _is_4bit(module):
+            continue
+        layer: Any = module
+        # Linear4bit.forward repacks when this is true (set in its __init__ from has_avx512bf16)
+        layer.support_avx512bf16_for_cpu = False
+        weight = layer.weight
+        if _repacked_for_cpu(weight.quant_state):
+            weight.data, weight.quant_state = _standard_layout(weight, weight.quant_state)
+            if getattr(layer, "quant_state", None) is not None:
+                layer.quant_state = weight.quant_state
+    return model
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The float32 weight (out, in) that ``module`` multiplies with.
 
-    Works for ``Linear4bit`` (NF4/FP4, double quantisation or not), ``Linear8bitLt`` (row scales
-    ``SCB``: ``W = CB · SCB / 127``) and plain ``nn.Linear``; an SBoRA wrapper is read through
-    its ``base_layer``. The result is a new tensor; the module is not modified.
+    Works for ``Linear4bit`` (NF4/FP4, double quantisation or not; in the standard layout or
+    repacked for bitsandbytes' CPU kernel, see ``keep_standard_layout``), ``Linear8bitLt`` (row
+    scales ``SCB``: ``W = CB · SCB / 127``) and plain ``nn.Linear``; an SBoRA wrapper is read
+    through its ``base_layer``. The result is a new tensor; the module is not modified.
     """
     layer: Any = getattr(module, "base_layer", module)
     weight = getattr(layer, "weight", None)
@@ -208,10 +246,10 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         if scb is None:  # after a first forward the scales live in the layer's matmul state
             scb = layer.state.SCB
         return bnbf.int8_vectorwise_dequant(weight.data, scb).float()
-    state = layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        return _packed_cpu_to_float(weight, state)
-    return bnbf.dequantize_4bit(weight.data, state).float()
+    data, state = weight.data, layer.weight.quant_state
+    if _repacked_for_cpu(state):
+        data, state = _standard_layout(weight, state)
+    return bnbf.dequantize_4bit(data, state).float()
 
 
 def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
@@ -421,7 +459,7 @@ def _quantize_like(base: Any, weight: torch.Tensor) -> nn.Module:
     new4.quant_state = state
     if bias is not None:
         new4.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return new4.train(base.training)
+    return keep_standard_layout(new4.train(base.training))
 
 
 def requantize(model: nn.Module) -> RequantizeReport:

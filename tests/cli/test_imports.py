@@ -1,0 +1,64 @@
+"""Commands that do not quantise never import bitsandbytes (its CPU backend warns on import).
+
+Checked in a fresh interpreter, since this test process may already hold it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "registry"))
+from registry_factory import make_adapter  # noqa: E402
+
+from sbora_reg import sbora  # noqa: E402
+
+RUN_EACH = """
+import json, sys
+from sbora_reg.cli import main
+seen = []
+for args in json.loads(sys.argv[1]):
+    try:
+        main(args, prog_name="sbora-reg", standalone_mode=False)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    seen.append([args[2], code, "bitsandbytes" in sys.modules])
+print(json.dumps(seen))
+"""
+
+
+def test_commands_that_do_not_quantise_never_import_bitsandbytes(
+    tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    base = str(tiny_lm_dir)
+    make_adapter(tmp_path / "a", tiny_lm_dir, "fa", seed=1, targets=("q_proj",))
+    make_adapter(tmp_path / "b", tiny_lm_dir, "fb", seed=2, targets=("v_proj",))
+    sbora.Adapter.load(tmp_path / "b").to_peft(tmp_path / "peft")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    db = ["--db", str(tmp_path / "reg.db")]
+    commands = [
+        [*db, "add", str(tmp_path / "a"), "--name", "a", "--base", base],
+        [*db, "add", str(tmp_path / "peft"), "--name", "p", "--base", base],
+        [*db, "list", "--json"],
+        [*db, "show", "a@1", "--json"],
+        [*db, "overlap", "a", "p", "--json"],
+        [*db, "compose", "a", "p", "--base", base, "--out", str(tmp_path / "out")],
+        [*db, "audit", str(tmp_path / "out"), "--base", base, "--json"],
+        [*db, "train", "--base", base, "--data", str(data), "--out", str(tmp_path / "t")]
+        + ["--steps", "1", "--json"],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_EACH, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [code for _, code, _ in seen] == [0] * len(commands), seen
+    assert [verb for verb, _, imported in seen if imported] == []
+    assert "gemm_4bit" not in done.stderr
