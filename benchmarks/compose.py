@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from sbora_reg.checkpoint import INDEX_NAME, OutSpec, plan_shards, shard_names
+from sbora_reg.registry.checkpoint import INDEX_NAME, OutSpec, plan_shards, shard_names
 from sbora_reg.sbora import Adapter, AdapterModule, SBoRAConfig
 from sbora_reg.sbora.fingerprint import dir_fingerprint, dir_module_table
 

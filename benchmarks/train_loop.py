@@ -21,8 +21,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sbora_reg import sbora, training
-from sbora_reg.sbora import SBoRAConfig
+from sbora_reg import sbora
+from sbora_reg.sbora import SBoRAConfig, training
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -39,6 +39,18 @@ class PickleRefusedError(AdapterFormatError):
     """A pickle-based file (.bin, .pt, .pkl) was offered; pickle is never loaded."""
 
 
+class DataError(SboraRegError, ValueError):
+    """A training or evaluation data file that is missing, empty or not the expected JSONL."""
+
+
+class OutputError(SboraRegError):
+    """An output path that exists, is not a directory, cannot be written or has no room."""
+
+
+class InternalError(SboraRegError):
+    """A broken internal invariant (a bug: please report it with the command that hit it)."""
+
+
 class QuantizationError(SboraRegError, ValueError):
     """An unsupported combination of quantised base and adapter operation."""
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sbora_reg import sbora
 from sbora_reg.cli import main
 from sbora_reg.registry.store import Registry
-from sbora_reg.training import encode, train_adapter
+from sbora_reg.sbora.training import encode, train_adapter
 
 
 def _data(path: Path, offset: int) -> Path:

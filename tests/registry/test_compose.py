@@ -16,7 +16,6 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from sbora_reg.checkpoint import INDEX_NAME, ShardWriter
 from sbora_reg.errors import (
     AdapterFormatError,
     FingerprintMismatchError,
@@ -24,6 +23,7 @@ from sbora_reg.errors import (
     QuantizationError,
     SboraRegError,
 )
+from sbora_reg.registry.checkpoint import INDEX_NAME, ShardWriter
 from sbora_reg.registry.compose import MANIFEST_NAME, Member, compose_members
 from sbora_reg.registry.ranges import parse_ranges
 from sbora_reg.sbora.adapter import Adapter, AdapterModule

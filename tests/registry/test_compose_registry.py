@@ -12,9 +12,9 @@ from test_compose import Q, V, assert_exact, make_adapter, save_llama
 from transformers import AutoModelForCausalLM
 
 from sbora_reg import __version__
-from sbora_reg.checkpoint import file_sha256, tree_sha256
 from sbora_reg.errors import FingerprintMismatchError, NotFoundError, OverlapError
 from sbora_reg.registry import Registry, models
+from sbora_reg.registry.checkpoint import file_sha256, tree_sha256
 from sbora_reg.registry.compose import Member, compose
 from sbora_reg.sbora import Adapter
 

@@ -11,13 +11,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sbora_reg.checkpoint import parse_size
 from sbora_reg.cli import main
 from sbora_reg.cli.adapters import echo_json, open_registry
 from sbora_reg.cli.tables import retention_table
 from sbora_reg.errors import SboraRegError
+from sbora_reg.registry.checkpoint import parse_size
 from sbora_reg.registry.compose import FORMATS, OUT_DTYPES, ComposeResult, compose
-from sbora_reg.retention import RetentionRow, composed_model, eval_members, measure_retention
+from sbora_reg.registry.retention import (
+    RetentionRow,
+    composed_model,
+    eval_members,
+    measure_retention,
+)
 
 
 def _shard_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from sbora_reg.retention import RetentionRow
+from sbora_reg.registry.retention import RetentionRow
 
 
 def retention_table(rows: Sequence[RetentionRow], title: str, label: str = "member") -> Table:

@@ -14,7 +14,7 @@ from sbora_reg.cli.adapters import echo_json, open_registry
 
 if TYPE_CHECKING:
     from sbora_reg.registry import AdapterRecord
-    from sbora_reg.training import TrainResult
+    from sbora_reg.sbora.training import TrainResult
 
 
 def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
@@ -42,7 +42,7 @@ def _progress() -> Progress:
 
 
 def _main_process() -> bool:
-    from sbora_reg.training import is_main_process
+    from sbora_reg.sbora.training import is_main_process
 
     return is_main_process()
 
@@ -150,7 +150,7 @@ def train(
     import torch
 
     from sbora_reg.registry.names import check_name
-    from sbora_reg.training import resolve_config, train_adapter
+    from sbora_reg.sbora.training import resolve_config, train_adapter
 
     if steps is not None and epochs is not None:
         raise click.UsageError("pass --steps or --epochs, not both")

@@ -426,7 +426,7 @@ def audit_checkpoint(
     other change (in another tensor, a bias, a norm) is a finding, as are tensors added, removed
     or reshaped. ``declared`` defaults to the checkpoint's own ``sbora_manifest.json``.
     """
-    from sbora_reg.checkpoint import open_checkpoint, read_tensor
+    from sbora_reg.registry.checkpoint import open_checkpoint, read_tensor
 
     if declared is None:
         declared = read_manifest(checkpoint)

@@ -6,7 +6,7 @@ Merged: for every base tensor ``<module>.weight`` that members touch, in the (ou
 
 added in float32 on the touched rows/columns only (members in order), then cast to the output
 dtype; every other weight is copied through byte for byte (or cast when ``dtype`` is given). The
-base is streamed one tensor at a time (``sbora_reg.checkpoint``) and the output appears atomically.
+base is streamed one tensor at a time (``registry.checkpoint``) and the output appears atomically.
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ import numpy as np
 import torch
 
 from sbora_reg import __version__
-from sbora_reg.checkpoint import (
+from sbora_reg.errors import (
+    ConfigError,
+    FingerprintMismatchError,
+    InternalError,
+    OverlapError,
+    QuantizationError,
+    ShapeMismatchError,
+)
+from sbora_reg.registry import models
+from sbora_reg.registry.checkpoint import (
     DEFAULT_SHARD_SIZE,
     DTYPE_NAMES,
     DTYPES,
@@ -48,14 +57,6 @@ from sbora_reg.checkpoint import (
     shard_names,
     tree_sha256,
 )
-from sbora_reg.errors import (
-    FingerprintMismatchError,
-    OverlapError,
-    QuantizationError,
-    SboraRegError,
-    ShapeMismatchError,
-)
-from sbora_reg.registry import models
 from sbora_reg.registry.overlap import Footprint, Region, compare_all
 from sbora_reg.registry.ranges import format_ranges
 from sbora_reg.registry.reading import detect_format
@@ -112,13 +113,13 @@ class ComposeResult:
 
 def _factor(t: torch.Tensor | None) -> torch.Tensor:
     if t is None:  # AdapterModule.validate() makes this unreachable
-        raise SboraRegError("internal: an adapter module lacks a factor or its indices")
+        raise InternalError("internal: an adapter module lacks a factor or its indices")
     return t.detach().float()
 
 
 def _idx(m: AdapterModule) -> torch.Tensor:
     if m.indices is None:
-        raise SboraRegError(f"internal: module {m.name} has no indices")
+        raise InternalError(f"internal: module {m.name} has no indices")
     return m.indices
 
 
@@ -476,13 +477,13 @@ def compose_members(
     shard present with its full size (merged), and free disk space.
     """
     if fmt not in FORMATS:
-        raise SboraRegError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in OUT_DTYPES:
-        raise SboraRegError(f"unknown dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
     if not members:
-        raise SboraRegError("nothing to compose: name at least one adapter")
+        raise ConfigError("nothing to compose: name at least one adapter")
     if dtype is not None and fmt != "merged":
-        raise SboraRegError("--dtype applies to --format merged only (adapters stay float32)")
+        raise ConfigError("--dtype applies to --format merged only (adapters stay float32)")
     base, out = Path(base_dir), Path(out).absolute()
     fingerprint = check_members(base, members)
     cells = check_overlap(members, fingerprint, allow_overlap)
@@ -550,7 +551,7 @@ def load_members(registry: Registry, refs: Sequence[str]) -> list[tuple[AdapterR
     for ref in refs:
         record = registry.resolve(ref)
         if any(r.id == record.id for r, _ in loaded):
-            raise SboraRegError(f"{record.ref} is named twice: list each member once")
+            raise ConfigError(f"{record.ref} is named twice: list each member once")
         blob = registry.blob_path(record.sha256)
         fmt = detect_format(blob)
         adapter = Adapter.load(blob) if fmt == "sbora" else Adapter.from_peft(blob)

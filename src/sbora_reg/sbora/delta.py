@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from sbora_reg.errors import AdapterFormatError
+
 Shape = tuple[int, int]
 
 
@@ -47,7 +49,7 @@ def delta_weight(
         return fb_delta(a, idx, scale, shape)
     if variant == "lora" and a is not None and b is not None:
         return lora_delta(a, b, scale)
-    raise ValueError(f"incomplete factors for a {variant!r} module")
+    raise AdapterFormatError(f"incomplete factors for a {variant!r} module")
 
 
 def cells(variant: str, shape: Shape, rank: int) -> int:

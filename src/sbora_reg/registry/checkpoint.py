@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from sbora_reg.errors import AdapterFormatError, SboraRegError
+from sbora_reg.errors import AdapterFormatError, ConfigError, InternalError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -69,7 +69,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
     if m is None or float(m.group(1)) <= 0:
-        raise SboraRegError(f"invalid size {text!r}: use a number with a unit, e.g. 500MB or 5GB")
+        raise ConfigError(f"invalid size {text!r}: use a number with a unit, e.g. 500MB or 5GB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
@@ -305,9 +305,9 @@ class ShardWriter:
     def _next(self, name: str, nbytes: int) -> None:
         """Check the next planned tensor is ``name`` of ``nbytes`` bytes, then mark it written."""
         if not self._pending or self._pending[0].name != name:
-            raise SboraRegError(f"internal: {name} written out of the planned order")
+            raise InternalError(f"internal: {name} written out of the planned order")
         if self._pending[0].nbytes != nbytes:
-            raise SboraRegError(f"internal: {name} does not match its planned size")
+            raise InternalError(f"internal: {name} does not match its planned size")
         self._pending.pop(0)
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
@@ -317,7 +317,7 @@ class ShardWriter:
             spec.dtype,
             spec.shape,
         ):
-            raise SboraRegError(f"internal: {name} does not match its planned dtype or shape")
+            raise InternalError(f"internal: {name} does not match its planned dtype or shape")
         self._next(name, tensor.numel() * tensor.element_size())
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         self._write(memoryview(flat.numpy()))  # type: ignore[arg-type]
@@ -379,7 +379,7 @@ class ShardWriter:
         The fsync (disk time, not CPU) of one shard thus overlaps writing the next one.
         """
         if self._pending:
-            raise SboraRegError(f"internal: {self.path.name} is missing {self._pending[0].name}")
+            raise InternalError(f"internal: {self.path.name} is missing {self._pending[0].name}")
         self._f.flush()
 
         def sync_and_close() -> None:
@@ -411,19 +411,19 @@ def tree_sha256(file_hashes: dict[str, str]) -> str:
 def check_out_dir(out: Path, force: bool) -> None:
     """Refuse an existing output path unless ``force``; the parent must exist and be writable."""
     if out.exists() and not force:
-        raise SboraRegError(f"{out} already exists: choose another --out or pass --force")
+        raise OutputError(f"{out} already exists: choose another --out or pass --force")
     if out.exists() and not out.is_dir():
-        raise SboraRegError(f"{out} exists and is not a directory: remove it first")
+        raise OutputError(f"{out} exists and is not a directory: remove it first")
     parent = out.absolute().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise SboraRegError(f"cannot write into {parent}: create it or choose another --out")
+        raise OutputError(f"cannot write into {parent}: create it or choose another --out")
 
 
 def check_free_space(out: Path, need: int) -> None:
     """Refuse when the output's file system has less than ``need`` bytes (plus 1%) free."""
     free = shutil.disk_usage(out.absolute().parent).free
     if free < need * 1.01:
-        raise SboraRegError(
+        raise OutputError(
             f"not enough disk space in {out.absolute().parent}: need {need / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free"
         )

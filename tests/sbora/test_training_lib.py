@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sbora_reg import sbora, skills, training
-from sbora_reg.errors import ConfigError, FingerprintMismatchError, SboraRegError
-from sbora_reg.sbora import SBoRAConfig
-from sbora_reg.training import DataError, Example
+from sbora_reg import sbora
+from sbora_reg.demo import skills
+from sbora_reg.errors import ConfigError, DataError, FingerprintMismatchError, SboraRegError
+from sbora_reg.sbora import SBoRAConfig, training
+from sbora_reg.sbora.training import Example
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

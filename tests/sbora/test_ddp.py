@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-from sbora_reg import sbora, training
+from sbora_reg import sbora
 from sbora_reg.cli import main
-from sbora_reg.sbora import SBoRAConfig
+from sbora_reg.sbora import SBoRAConfig, training
 
 CONFIG = SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=("q_proj", "v_proj", "up_proj"))
 PER_RANK = 3

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sbora_reg.checkpoint import (
+from sbora_reg.errors import AdapterFormatError, SboraRegError
+from sbora_reg.registry.checkpoint import (
     INDEX_NAME,
     OutSpec,
     ShardWriter,
@@ -20,7 +21,6 @@ from sbora_reg.checkpoint import (
     plan_shards,
     shard_names,
 )
-from sbora_reg.errors import AdapterFormatError, SboraRegError
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def test_copy_raw_with_patch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
 ) -> None:
     if not kernel_copy:
-        monkeypatch.setattr("sbora_reg.checkpoint._copy_file_range", None)
+        monkeypatch.setattr("sbora_reg.registry.checkpoint._copy_file_range", None)
     tensors = _tensors()
     src = tmp_path / "src.safetensors"
     save_file(tensors, src)

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
-from sbora_reg import sbora, skills
-from sbora_reg.basemodel import prepare_base
-from sbora_reg.retention import RetentionRow, load_causal_lm, measure_retention
+from sbora_reg import sbora
+from sbora_reg.demo import skills
+from sbora_reg.demo.base import prepare_base
+from sbora_reg.registry.retention import RetentionRow, measure_retention
+from sbora_reg.sbora.training import encode, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ def run_demo(
     rows = measure_retention(base, composed, held_out)
     # The merged checkpoint must equal the base with every member applied unmerged.
     unmerged = combine([m for _, m in loaded], base_rec.fingerprint).apply(load_causal_lm(base))
-    probe = skills.encode(tokenizer, chosen[0].examples(8, seed=7), torch.device("cpu"))
+    probe = encode(tokenizer, chosen[0].examples(8, seed=7), torch.device("cpu"))
     with torch.no_grad():
         diff = (
             (

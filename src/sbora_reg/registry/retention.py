@@ -19,7 +19,8 @@ from torch import nn
 
 from sbora_reg.errors import ConfigError
 from sbora_reg.sbora import Adapter, unload
-from sbora_reg.skills import SkillScore, retention, score
+from sbora_reg.sbora.scoring import SkillScore, loss_gain_kept, score
+from sbora_reg.sbora.training import load_causal_lm, load_examples, load_model
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class RetentionRow:
 
     @property
     def retention(self) -> float:
-        return retention(self.base, self.alone, self.composed)
+        return loss_gain_kept(self.base, self.alone, self.composed)
 
     def to_json(self) -> dict[str, Any]:
         kept = self.retention
@@ -45,16 +46,6 @@ class RetentionRow:
             "composed": self.composed.__dict__,
             "retention": None if math.isnan(kept) else kept,
         }
-
-
-def load_causal_lm(path: Path) -> nn.Module:
-    """A local causal LM in float32 (no tokenizer), with a one-line error."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a causal LM from {path}: {exc}") from None
 
 
 def composed_model(base_dir: Path, out: Path, fmt: str) -> nn.Module:
@@ -72,8 +63,6 @@ def measure_retention(
     on_member: Callable[[str], None] | None = None,
 ) -> list[RetentionRow]:
     """Score ``(name, adapter, examples)`` members on the base, alone and in ``composed``."""
-    from sbora_reg.training import load_model
-
     base, tokenizer = load_model(Path(base_dir), torch.float32, torch.device("cpu"))
     rows = []
     for name, adapter, examples in members:
@@ -95,7 +84,6 @@ def eval_members(
     up front so that a bad file fails before anything is composed.
     """
     from sbora_reg.registry.compose import load_members
-    from sbora_reg.training import load_examples
 
     if not evals:
         return []

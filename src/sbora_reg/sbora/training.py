@@ -26,17 +26,13 @@ import torch.distributed as dist
 from torch import nn
 
 from sbora_reg import sbora
-from sbora_reg.errors import ConfigError, SboraRegError
+from sbora_reg.errors import ConfigError, DataError
 from sbora_reg.sbora import SBoRAConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 StepHook = Callable[[int, int, float], None]  # (step, total steps, loss)
-
-
-class DataError(SboraRegError, ValueError):
-    """A training data file that is missing, empty or not the expected JSONL."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +329,7 @@ def load_model(
     ``quantize`` (nf4 | fp4 | int8) loads the linear layers through bitsandbytes (4-bit with
     double quantisation and ``dtype`` as compute dtype, or LLM.int8), prepared for training.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"{base_dir} is not a model directory (no config.json)")
@@ -345,11 +341,18 @@ def load_model(
         raise ConfigError(f"the tokenizer in {base_dir} has no EOS token")
     if quantize is not None:
         return _load_quantized(base_dir, dtype, device, quantize), tokenizer
+    return load_causal_lm(base_dir, dtype).to(device), tokenizer
+
+
+def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A local causal LM (no tokenizer) in ``dtype``, with a one-line error."""
+    from transformers import AutoModelForCausalLM
+
     try:
-        model: nn.Module = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a causal LM from {base_dir}: {exc}") from None
-    return model.to(device), tokenizer
+        raise ConfigError(f"cannot load a causal LM from {path}: {exc}") from None
+    return model
 
 
 def _load_quantized(
