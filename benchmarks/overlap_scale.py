@@ -22,16 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sbora_reg.registry.overlap import (
-    FA,
-    FB,
-    Footprint,
-    Region,
-    RegionTable,
-    all_pairs,
-    compare,
-    one_vs_many,
-)
+from sbora_reg.registry.overlap import Footprint, Region, compare
+from sbora_reg.registry.region_table import RegionTable, all_pairs, one_vs_many
+from sbora_reg.sbora.cells import FA, FB
 
 LAYERS, HIDDEN, INTER, RANK = 32, 4096, 11008, 32
 KINDS = {

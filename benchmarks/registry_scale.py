@@ -26,7 +26,7 @@ import numpy as np
 from transformers import LlamaConfig
 
 from sbora_reg.registry import Registry
-from sbora_reg.registry.overlap import overlap_against_all
+from sbora_reg.registry.overlap_queries import overlap_against_all
 from sbora_reg.registry.reading import AdapterSummary, ModuleSummary
 
 LAYERS, HIDDEN, INTER, RANK = 32, 4096, 11008, 32

@@ -13,20 +13,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from sbora_reg import sbora
 from sbora_reg.errors import AdapterFormatError
-from sbora_reg.registry.audit import (
-    MANIFEST_NAME,
-    ModuleUsage,
-    audit_checkpoint,
-    audit_merged,
-    read_manifest,
-    usage,
-    usage_from_regions,
-)
+from sbora_reg.registry.audit import audit_checkpoint, audit_merged
 from sbora_reg.registry.audit_plot import plot_usage, render_usage
 from sbora_reg.registry.compose import compose
+from sbora_reg.registry.manifest import MANIFEST_NAME, read_manifest
 from sbora_reg.registry.overlap import Region
 from sbora_reg.registry.ranges import format_ranges
 from sbora_reg.registry.store import Registry
+from sbora_reg.registry.usage import ModuleUsage, usage, usage_from_regions
 
 
 def _dense(regions: list[Region], shape: tuple[int, int]) -> np.ndarray:

@@ -12,7 +12,8 @@ from sqlalchemy import select, update
 from sbora_reg.errors import RegistryError
 from sbora_reg.registry import Registry, footprints
 from sbora_reg.registry import models as m
-from sbora_reg.registry.overlap import compare, footprint, overlap_against_all
+from sbora_reg.registry.overlap import compare
+from sbora_reg.registry.overlap_queries import footprint, overlap_against_all
 
 VARIANT_NAMES = {0: "fa", 1: "fb", 2: "lora"}
 
@@ -140,7 +141,8 @@ def test_same_layout_rows_decode_module_by_module(high: int) -> None:
 def test_region_table_of_same_layout_adapters(
     registry: Registry, tiny_base: Path, tmp_path: Path
 ) -> None:
-    from sbora_reg.registry.overlap import Footprint, RegionTable
+    from sbora_reg.registry.overlap import Footprint
+    from sbora_reg.registry.region_table import RegionTable
 
     for i in range(4):
         make_adapter(tmp_path / f"d{i}", tiny_base, "fb", r=3, seed=20 + i)

@@ -11,17 +11,14 @@ from sbora_reg.errors import FingerprintMismatchError, OverlapError, ShapeMismat
 from sbora_reg.registry.overlap import (
     Footprint,
     Region,
-    RegionTable,
-    all_pairs,
     check_against,
     compare,
     compare_all,
     ensure_disjoint,
-    one_vs_many,
-    pairs_against,
     shared_cells,
     touched_cells,
 )
+from sbora_reg.registry.region_table import RegionTable, all_pairs, one_vs_many, pairs_against
 from sbora_reg.sbora.fingerprint import module_table
 
 SHAPE = (6, 10)  # (out, in): not square, so rows and columns cannot be confused
@@ -181,15 +178,15 @@ def test_all_pairs_small_chunks_and_unsorted_segments() -> None:
     fps = _random_footprints(rng, 12, modules)
     ref = np.array([[compare(a, b).total if a is not b else 0 for b in fps] for a in fps])
     table = RegionTable.from_footprints(fps)
-    from sbora_reg.registry import overlap
+    from sbora_reg.registry import region_table
 
-    same_small = overlap._same_axis_pairs(table, chunk=3)
-    np.testing.assert_array_equal(np.rint(same_small), np.rint(overlap._same_axis_pairs(table)))
+    same_small = region_table._same_axis_pairs(table, chunk=3)
+    np.testing.assert_array_equal(np.rint(same_small), np.rint(region_table._same_axis_pairs(table)))
     # The same segments handed over in reverse order pack to the same answers.
     rev = np.arange(len(table.seg_count))[::-1]
     starts = np.concatenate(([0], np.cumsum(table.seg_count)[:-1]))
     local = table.keys - np.where(
-        table.seg_variant == overlap.FA,
+        table.seg_variant == region_table.FA,
         table.col_offset[table.seg_module],
         table.row_offset[table.seg_module],
     ).repeat(table.seg_count)
@@ -236,7 +233,7 @@ def test_lora_regions_listing_all_rows_are_still_every_cell() -> None:
 
 def test_all_pairs_dense_path_for_keys_many_adapters_share() -> None:
     """Identical index sets (same default seed) take the dense path; answers do not change."""
-    from sbora_reg.registry import overlap
+    from sbora_reg.registry import region_table
 
     rng = np.random.default_rng(5)
     modules = {"a": (8, 12), "b": (12, 8)}
@@ -247,12 +244,12 @@ def test_all_pairs_dense_path_for_keys_many_adapters_share() -> None:
     table = RegionTable.from_footprints(fps)
     np.testing.assert_array_equal(all_pairs(table), ref)
     for dense_group, block in [(1, 1), (1, 3), (4, 4096)]:
-        got = overlap._same_axis_pairs(table, dense_group=dense_group, dense_block=block)
-        np.testing.assert_array_equal(np.rint(got), np.rint(overlap._same_axis_pairs(table)))
+        got = region_table._same_axis_pairs(table, dense_group=dense_group, dense_block=block)
+        np.testing.assert_array_equal(np.rint(got), np.rint(region_table._same_axis_pairs(table)))
     from unittest import mock
 
-    with mock.patch.object(overlap, "_dense_groups", wraps=overlap._dense_groups) as spy:
-        overlap._same_axis_pairs(table, dense_group=2)
+    with mock.patch.object(region_table, "_dense_groups", wraps=region_table._dense_groups) as spy:
+        region_table._same_axis_pairs(table, dense_group=2)
     assert spy.called
 
 

@@ -311,7 +311,8 @@ def test_errors_are_one_line(registry: Registry) -> None:
 def test_region_table_matches_footprints(
     registry: Registry, tiny_base: Path, tmp_path: Path
 ) -> None:
-    from sbora_reg.registry.overlap import Footprint, RegionTable
+    from sbora_reg.registry.overlap import Footprint
+    from sbora_reg.registry.region_table import RegionTable
 
     for i, variant in enumerate(["fa", "fb", "lora", "fa"]):
         make_adapter(tmp_path / f"d{i}", tiny_base, variant, seed=i)

@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from sbora_reg.cli import main
-from sbora_reg.registry import AdapterDetail, AdapterRecord, Registry
-from sbora_reg.registry.ranges import format_ranges
+from sbora_reg.cli.common import console, echo_json, human_size, open_registry, parse_tags
 
+if TYPE_CHECKING:
+    from rich.table import Table
 
-@contextmanager
-def open_registry(ctx: click.Context) -> Iterator[Registry]:
-    """The registry named by the global ``--db`` (or ``SBORA_REG_DB``), closed afterwards."""
-    with Registry.open(ctx.obj["db"]) as registry:
-        yield registry
-
-
-def parse_tags(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict:
-    tags: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r}: write tags as KEY=VALUE")
-        tags[key] = value
-    return tags
-
-
-def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)  # pragma: no cover
+    from sbora_reg.registry import AdapterDetail, AdapterRecord
 
 
 def _tags(tags: dict[str, str]) -> str:
@@ -91,10 +62,12 @@ def list_(
     if as_json:
         echo_json([r.to_json() for r in records])
     else:
-        Console().print(_list_table(records))
+        console().print(_list_table(records))
 
 
 def _list_table(records: list[AdapterRecord]) -> Table:
+    from rich.table import Table
+
     table = Table("adapter", "task", "variant", "rank", "base", "tags", "size", "created")
     for r in records:
         table.add_row(
@@ -104,7 +77,7 @@ def _list_table(records: list[AdapterRecord]) -> Table:
             str(r.rank),
             Path(r.base).name or r.base,
             _tags(r.tags),
-            _size(r.size),
+            human_size(r.size),
             r.created.strftime("%Y-%m-%d %H:%M"),
         )
     return table
@@ -125,8 +98,12 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
 
 
 def _print_detail(detail: AdapterDetail) -> None:
+    from rich.table import Table
+
+    from sbora_reg.registry.ranges import format_ranges
+
     r = detail.record
-    console = Console()
+    out = console()
     for key, value in [
         ("adapter", r.ref),
         ("task", r.task or ""),
@@ -134,12 +111,12 @@ def _print_detail(detail: AdapterDetail) -> None:
         ("rank / alpha", f"{r.rank} / {r.alpha:g}"),
         ("base", f"{r.base} ({r.base_fingerprint[:12]})"),
         ("sha256", r.sha256),
-        ("size", _size(r.size)),
+        ("size", human_size(r.size)),
         ("created", r.created.isoformat()),
         ("tags", _tags(r.tags)),
         ("metadata", json.dumps(r.metadata, sort_keys=True)),
     ]:
-        console.print(f"[bold]{key:>13}[/bold]  {value}", highlight=False)
+        out.print(f"[bold]{key:>13}[/bold]  {value}", highlight=False)
     table = Table("module", "variant", "shape", "count", "indices")
     for name, region in sorted(detail.regions.items()):
         indices = "all cells" if region.variant == "lora" else format_ranges(region.indices)
@@ -150,7 +127,7 @@ def _print_detail(detail: AdapterDetail) -> None:
             str(region.indices.size),
             indices,
         )
-    console.print(table)
+    out.print(table)
 
 
 @main.command()
@@ -171,6 +148,6 @@ def gc(ctx: click.Context) -> None:
     with open_registry(ctx) as registry:
         result = registry.gc()
     click.echo(
-        f"freed {len(result.blobs_removed)} blob(s), {_size(result.bytes_freed)}"
+        f"freed {len(result.blobs_removed)} blob(s), {human_size(result.bytes_freed)}"
         + (f"; removed {result.temp_removed} stale temp dir(s)" if result.temp_removed else "")
     )

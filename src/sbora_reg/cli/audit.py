@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from sbora_reg.cli import main
-from sbora_reg.cli.adapters import echo_json, open_registry
+from sbora_reg.cli.common import console, echo_json, open_registry
 from sbora_reg.errors import NotFoundError
-from sbora_reg.registry.audit import (
-    MANIFEST_NAME,
-    CheckpointAudit,
-    UsageReport,
-    audit_merged,
-    usage,
-)
-from sbora_reg.registry.audit_plot import plot_usage
-from sbora_reg.registry.ranges import format_ranges
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from sbora_reg.registry.audit import CheckpointAudit
+    from sbora_reg.registry.usage import UsageReport
 
 UNEXPLAINED_EXIT = 3
 
 
 def _usage_table(report: UsageReport) -> Table:
+    from rich.table import Table
+
+    from sbora_reg.registry.ranges import format_ranges
+
     share = report.cells / report.total_weights if report.total_weights else 0.0
     table = Table(
         title=f"{report.base}: {report.cells:,} of {report.total_weights:,} weights ({share:.3%})"
@@ -66,6 +66,8 @@ def _usage_table(report: UsageReport) -> Table:
 
 
 def _checkpoint_table(result: CheckpointAudit) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"{result.checkpoint} vs {result.base} ({', '.join(result.sources)})")
     for col in ("tensor", "changed", "unexplained", "rows", "columns", "note"):
         table.add_column(
@@ -131,6 +133,9 @@ def audit(
     if checkpoint is not None:
         _audit_checkpoint(ctx, checkpoint, base, source, as_json)
         return
+    from sbora_reg.registry.audit_plot import plot_usage
+    from sbora_reg.registry.usage import usage
+
     with open_registry(ctx) as registry:
         report = usage(registry, base, by=by, tasks=tasks, adapters=adapters)
     if not report.groups:
@@ -140,7 +145,7 @@ def audit(
     if as_json:
         echo_json({**report.to_json(), "png": str(png) if png else None})
     else:
-        Console().print(_usage_table(report))
+        console().print(_usage_table(report))
         if png is not None:
             click.echo(f"picture: {png}")
 
@@ -148,6 +153,9 @@ def audit(
 def _audit_checkpoint(
     ctx: click.Context, checkpoint: Path, base: str, source: str, as_json: bool
 ) -> None:
+    from sbora_reg.registry.audit import audit_merged
+    from sbora_reg.registry.manifest import MANIFEST_NAME
+
     has_manifest = (checkpoint / MANIFEST_NAME).is_file()
     if source == "manifest" or (source == "auto" and has_manifest):
         result = audit_merged(checkpoint, base, None, source)
@@ -158,7 +166,7 @@ def _audit_checkpoint(
         echo_json(result.to_json())
     else:
         if result.findings:
-            Console().print(_checkpoint_table(result))
+            console().print(_checkpoint_table(result))
         click.echo(
             f"{result.changed_tensors} of {result.tensors} tensors changed, {result.changed:,} "
             f"weights: {result.explained:,} explained, {result.unexplained:,} unexplained"

@@ -5,53 +5,36 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from sbora_reg.cli import main
-from sbora_reg.cli.adapters import echo_json, open_registry
-from sbora_reg.cli.tables import retention_table
+from sbora_reg.cli.common import console, echo_json, open_registry, progress
 from sbora_reg.errors import SboraRegError
-from sbora_reg.registry.checkpoint import parse_size
-from sbora_reg.registry.compose import FORMATS, OUT_DTYPES, ComposeResult, compose
-from sbora_reg.registry.retention import (
-    RetentionRow,
-    composed_model,
-    eval_members,
-    measure_retention,
-)
+from sbora_reg.registry.manifest import FORMATS, OUT_DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from sbora_reg.registry.compose import ComposeResult
+    from sbora_reg.registry.retention import RetentionRow
 
 
-def _shard_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+def _shard_size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    from sbora_reg.registry.checkpoint import parse_size
+
     try:
-        return parse_size(value)
+        return None if value is None else parse_size(value)
     except SboraRegError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
-def _progress(quiet: bool) -> Progress:
-    """A per-tensor bar on stderr, shown only on a terminal."""
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[tensor]}", style="dim"),
-        console=console,
-        transient=True,
-        disable=quiet or not console.is_terminal,
-    )
-
-
 def _render(result: ComposeResult) -> None:
+    from rich.table import Table
+
     table = Table("member", "version", "modules", "sha256")
     for m in result.members:
         table.add_row(m["name"], str(m["version"]), str(m["modules"]), (m["sha256"] or "")[:12])
-    Console().print(table)
+    console().print(table)
     size = f"{result.total_bytes / 1e6:.1f} MB"
     if result.dry_run:
         click.echo(f"Dry run: every check passed; would write {result.out} ({size}).")
@@ -83,13 +66,13 @@ def _render(result: ComposeResult) -> None:
     help="merged checkpoint, one multi-task SBoRA adapter, or one PEFT LoRA adapter.",
 )
 @click.option("--allow-overlap", is_flag=True, help="Sum deltas where members share weights.")
-@click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), help="Cast floating weights.")
+@click.option(
+    "--dtype", type=click.Choice(OUT_DTYPE_NAMES), help="Cast floating weights (merged only)."
+)
 @click.option(
     "--shard-size",
-    default="5GB",
-    show_default=True,
     callback=_shard_size,
-    help="Largest output shard, e.g. 500MB.",
+    help="Largest output shard, e.g. 500MB (merged only) [default: 5GB].",
 )
 @click.option("--dry-run", is_flag=True, help="Run every check, write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
@@ -113,15 +96,19 @@ def compose_cmd(
     fmt: str,
     allow_overlap: bool,
     dtype: str | None,
-    shard_size: int,
+    shard_size: int | None,
     dry_run: bool,
     force: bool,
     evals: dict[str, str],
     as_json: bool,
 ) -> None:
     """Compose registered adapters onto BASE: checked for overlap, written atomically, recorded."""
+    from sbora_reg.registry.compose import compose
+    from sbora_reg.registry.retention import eval_members
+
     command = shlex.join(["sbora-reg", *sys.argv[1:]])
-    with open_registry(ctx) as registry, _progress(as_json or dry_run) as bar:
+    bars = progress("{task.fields[tensor]}", hidden=as_json or dry_run)
+    with open_registry(ctx) as registry, bars as bar:
         members = eval_members(registry, refs, evals)  # a bad --eval fails before writing
         task = bar.add_task("compose", total=None, tensor="")
         result = compose(
@@ -149,13 +136,17 @@ def _eval_pairs(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _measure(base: Path, result: ComposeResult, members: list, quiet: bool) -> list[RetentionRow]:
-    console = Console(stderr=True, quiet=quiet)
-    console.print("Measuring each member's skill: base, alone, composed ...")
+    from sbora_reg.registry.retention import composed_model, measure_retention
+
+    err = console(stderr=True, quiet=quiet)
+    err.print("Measuring each member's skill: base, alone, composed ...")
     model = composed_model(base, Path(result.out), result.format)
-    return measure_retention(base, model, members, lambda name: console.print(f"  {name}"))
+    return measure_retention(base, model, members, lambda name: err.print(f"  {name}"))
 
 
 def _render_retention(rows: list[RetentionRow]) -> None:
     if rows:
         title = "How much of each member's skill survived the composition"
-        Console().print(retention_table(rows, title))
+        from sbora_reg.cli.tables import retention_table
+
+        console().print(retention_table(rows, title))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from sbora_reg.cli import main
-from sbora_reg.cli.adapters import echo_json
-from sbora_reg.registry import Registry
+from sbora_reg.cli.common import echo_json, open_registry
 
 
 @main.group()
@@ -18,7 +17,7 @@ def db() -> None:
 @click.pass_context
 def upgrade(ctx: click.Context) -> None:
     """Upgrade the database schema to the newest revision (creating it if empty)."""
-    with Registry.open(ctx.find_root().obj["db"], migrate=False) as registry:
+    with open_registry(ctx, migrate=False) as registry:
         before, after = registry.upgrade()
     if before.current == after.current:
         click.echo(f"{registry.location}: already at {after.current}")
@@ -31,7 +30,7 @@ def upgrade(ctx: click.Context) -> None:
 @click.pass_context
 def current(ctx: click.Context, as_json: bool) -> None:
     """Print the schema revision of the database and the newest one this code knows."""
-    with Registry.open(ctx.find_root().obj["db"], migrate=False) as registry:
+    with open_registry(ctx, migrate=False) as registry:
         status = registry.schema()
     if as_json:
         echo_json({"database": registry.location, **status.to_json()})

@@ -5,20 +5,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from sbora_reg.cli import main
-from sbora_reg.cli.adapters import echo_json, open_registry
-from sbora_reg.registry.allocate import Allocation, allocate
-from sbora_reg.registry.overlap import PairOverlap, overlap_against_all, overlap_refs
+from sbora_reg.cli.common import console, echo_json, open_registry, parse_targets
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from sbora_reg.registry.allocate import Allocation
+    from sbora_reg.registry.overlap import PairOverlap
 
 OVERLAP_EXIT = 3
 
 
 def _pairs_table(pairs: Sequence[PairOverlap], title: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=title)
     for col in ("A", "B", "shared cells", "module", "cells"):
         table.add_column(col, overflow="fold", justify="right" if "cells" in col else "left")
@@ -66,6 +71,8 @@ def overlap(
     """
     if bool(against) == bool(refs) or (refs and len(refs) < 2):
         raise click.UsageError("pass two or more adapters, or --against-all NAME")
+    from sbora_reg.registry.overlap_queries import overlap_against_all, overlap_refs
+
     with open_registry(ctx) as registry:
         if against:
             report = overlap_against_all(registry, against)
@@ -79,25 +86,20 @@ def overlap(
     if as_json:
         echo_json({**data, "overlap": found})
     else:
-        Console().print(_pairs_table(pairs, title))
+        console().print(_pairs_table(pairs, title))
     if check and found:
         sys.exit(OVERLAP_EXIT)
 
 
-def _targets(_ctx: click.Context, _param: click.Parameter, value: str) -> list[str]:
-    names = [t.strip() for t in value.split(",") if t.strip()]
-    if not names:
-        raise click.BadParameter("give module names such as q_proj,v_proj")
-    return names
-
-
 def _render_allocation(alloc: Allocation) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Reservation {alloc.reservation_id}: {alloc.variant} r={alloc.rank}")
     table.add_column("module", overflow="fold")
     table.add_column("columns" if alloc.variant == "fa" else "rows", overflow="fold")
     for name, ranges in alloc.to_json()["modules"].items():
         table.add_row(name, ranges)
-    Console().print(table)
+    console().print(table)
     if alloc.path:
         click.echo(f"indices file: {alloc.path}")
 
@@ -114,7 +116,7 @@ def _render_allocation(alloc: Allocation) -> None:
 @click.option(
     "--targets",
     required=True,
-    callback=_targets,
+    callback=parse_targets,
     help="Comma-separated module names, matched as SBoRAConfig.target_modules.",
 )
 @click.option("--task", help="Task the reservation is for.")
@@ -145,6 +147,8 @@ def allocate_cmd(
     as_json: bool,
 ) -> None:
     """Reserve RANK indices per target module, disjoint from every adapter and reservation."""
+    from sbora_reg.registry.allocate import allocate
+
     with open_registry(ctx) as registry:
         alloc = allocate(
             registry,

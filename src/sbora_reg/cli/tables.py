@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.table import Table
 
-from sbora_reg.registry.retention import RetentionRow
+    from sbora_reg.registry.retention import RetentionRow
 
 
 def retention_table(rows: Sequence[RetentionRow], title: str, label: str = "member") -> Table:
     """Each row's skill on the base, alone and composed, and the share of its gain kept."""
+    from rich.table import Table
+
     table = Table(title=title)
     for col in (label, "loss: base → alone → composed", "exact: base → alone → composed"):
         table.add_column(col)

@@ -6,39 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sbora_reg.cli import main
-from sbora_reg.cli.adapters import echo_json, open_registry
+from sbora_reg.cli.common import echo_json, open_registry, parse_targets, progress
 
 if TYPE_CHECKING:
     from sbora_reg.registry import AdapterRecord
     from sbora_reg.sbora.training import TrainResult
-
-
-def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    names = [t.strip() for t in value.split(",") if t.strip()]
-    if not names:
-        raise click.BadParameter("give module names such as q_proj,v_proj")
-    return names
-
-
-def _progress() -> Progress:
-    """Loss bar on stderr, for people: only on a terminal and only on rank 0."""
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not (console.is_terminal and _main_process()),
-    )
 
 
 def _main_process() -> bool:
@@ -75,7 +49,7 @@ def _main_process() -> bool:
 @click.option("--alpha", type=float, help="Scale alpha/r [default: 2*rank].")
 @click.option(
     "--targets",
-    callback=_targets,
+    callback=parse_targets,
     help="Comma-separated module names [default: q_proj,v_proj, or the file's].",
 )
 @click.option(
@@ -161,11 +135,12 @@ def train(
     config = resolve_config(
         variant=variant, r=rank, alpha=alpha, target_modules=targets, seed=seed, indices=indices
     )
-    with _progress() as progress:
-        bar = progress.add_task("train", total=None, loss="-")
+    # the loss bar is for people: only on rank 0
+    with progress("loss {task.fields[loss]}", hidden=not _main_process()) as bars:
+        bar = bars.add_task("training", total=None, loss="-")
 
         def on_step(step: int, total: int, loss: float) -> None:
-            progress.update(bar, completed=step + 1, total=total, loss=f"{loss:.4f}")
+            bars.update(bar, completed=step + 1, total=total, loss=f"{loss:.4f}")
 
         result = train_adapter(
             base,

@@ -83,11 +83,13 @@ def run_demo(
     """Run the whole demo in ``cfg.workdir`` and return what it measured."""
     from transformers import AutoTokenizer
 
-    from sbora_reg.registry import audit as audit_mod
     from sbora_reg.registry.allocate import allocate
+    from sbora_reg.registry.audit import audit_checkpoint
+    from sbora_reg.registry.audit_plot import plot_usage
     from sbora_reg.registry.compose import combine, compose, load_members
-    from sbora_reg.registry.overlap import overlap_refs
+    from sbora_reg.registry.overlap_queries import overlap_refs
     from sbora_reg.registry.store import Registry
+    from sbora_reg.registry.usage import usage
 
     say = on_event or (lambda msg: log.info("%s", msg))
     start = time.perf_counter()
@@ -152,9 +154,9 @@ def run_demo(
     composed_dir = Path(result.out)
 
     say("auditing the composed checkpoint against the base")
-    audit = audit_mod.audit_checkpoint(composed_dir, base)
+    audit = audit_checkpoint(composed_dir, base)
     picture = workdir / "audit.png"
-    audit_mod.render_png(registry, base_rec.name, picture)
+    plot_usage(usage(registry, base_rec.name), picture)
 
     say("measuring every skill on the base, each adapter alone, and the composed model")
     composed = load_causal_lm(composed_dir)

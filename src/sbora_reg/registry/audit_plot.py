@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sbora_reg.registry.audit import ModuleUsage, UsageReport
+from sbora_reg.registry.usage import ModuleUsage, UsageReport
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
 RED = np.array([0.86, 0.08, 0.08])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sbora_reg.errors import RegistryError
-from sbora_reg.registry.overlap import LORA, VARIANT_CODES
+from sbora_reg.sbora.cells import LORA, VARIANT_CODES
 
 _DTYPES: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _ID = np.dtype("<i4")

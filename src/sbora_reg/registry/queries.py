@@ -19,8 +19,8 @@ from sqlalchemy import Connection, Select, Text, select, type_coerce
 from sbora_reg.errors import RegistryError
 from sbora_reg.registry import footprints
 from sbora_reg.registry import models as m
-from sbora_reg.registry.overlap import RegionTable
 from sbora_reg.registry.records import AdapterRecord, Region
+from sbora_reg.registry.region_table import RegionTable
 
 _A = m.Adapter.__table__.c
 _RAW_JSON = ("target_modules", "metadata", "provenance")

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from sbora_reg.sbora.cells import cells
+
 Shape = tuple[int, int]
 
 
@@ -21,7 +23,8 @@ class Region:
 
     variant: str
     shape: Shape
-    indices: np.ndarray  # (count,) int64, sorted, distinct; empty for lora
+    # (count,) int64, sorted, distinct; empty for lora
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def axis(self) -> str:
@@ -31,10 +34,7 @@ class Region:
     @property
     def cells(self) -> int:
         """Number of weight cells touched."""
-        out, in_ = self.shape
-        if self.variant == "lora":
-            return out * in_
-        return int(self.indices.size) * (out if self.variant == "fa" else in_)
+        return cells(self.variant, self.shape, int(self.indices.size))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from sbora_reg.registry import queries as q
 from sbora_reg.registry.blobs import BlobStore, dir_size
 from sbora_reg.registry.database import DEFAULT_BUSY_TIMEOUT_S, Database, locate
 from sbora_reg.registry.names import check_name, check_tags, parse_ref
-from sbora_reg.registry.overlap import RegionTable
 from sbora_reg.registry.reading import (
     AdapterSummary,
     adapter_files,
@@ -50,6 +49,7 @@ from sbora_reg.registry.records import (
     Region,
     SchemaStatus,
 )
+from sbora_reg.registry.region_table import RegionTable
 
 log = logging.getLogger(__name__)
 

@@ -10,30 +10,83 @@ For a target weight ``W0`` (out, in) and scale ``s = alpha / r``:
 The fixed factor is an int64 index buffer, never a dense one-hot matrix.
 """
 
-from sbora_reg.sbora.adapter import Adapter, AdapterModule, dir_sha256
-from sbora_reg.sbora.config import SBoRAConfig
-from sbora_reg.sbora.delta import cells, delta_weight, fa_delta, fb_delta, lora_delta
-from sbora_reg.sbora.fingerprint import model_fingerprint
-from sbora_reg.sbora.indices import (
-    default_indices,
-    load_indices,
-    read_indices_file,
-    save_indices,
-    validate_indices,
-)
-from sbora_reg.sbora.layer import SBoRALayer, is_adapter_param
-from sbora_reg.sbora.model import (
-    apply_adapter,
-    extract,
-    inject,
-    merge,
-    merge_and_unload,
-    sbora_layers,
-    trainable_parameters,
-    unload,
-    unmerge,
-)
-from sbora_reg.sbora.peft_io import from_peft, to_peft
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sbora_reg.sbora.adapter import Adapter, AdapterModule, dir_sha256
+    from sbora_reg.sbora.config import SBoRAConfig
+    from sbora_reg.sbora.delta import cells, delta_weight, fa_delta, fb_delta, lora_delta
+    from sbora_reg.sbora.fingerprint import model_fingerprint
+    from sbora_reg.sbora.indices import (
+        default_indices,
+        load_indices,
+        read_indices_file,
+        save_indices,
+        validate_indices,
+    )
+    from sbora_reg.sbora.layer import SBoRALayer, is_adapter_param
+    from sbora_reg.sbora.model import (
+        apply_adapter,
+        extract,
+        inject,
+        merge,
+        merge_and_unload,
+        sbora_layers,
+        trainable_parameters,
+        unload,
+        unmerge,
+    )
+    from sbora_reg.sbora.peft_io import from_peft, to_peft
+
+# Names are loaded on first use (PEP 562), so that torch-free parts of the package
+# (``sbora.config``, ``sbora.cells``) and the registry's read commands do not import torch.
+_WHERE = {
+    "Adapter": "adapter",
+    "AdapterModule": "adapter",
+    "dir_sha256": "adapter",
+    "SBoRAConfig": "config",
+    "cells": "delta",
+    "delta_weight": "delta",
+    "fa_delta": "delta",
+    "fb_delta": "delta",
+    "lora_delta": "delta",
+    "model_fingerprint": "fingerprint",
+    "default_indices": "indices",
+    "load_indices": "indices",
+    "read_indices_file": "indices",
+    "save_indices": "indices",
+    "validate_indices": "indices",
+    "SBoRALayer": "layer",
+    "is_adapter_param": "layer",
+    "apply_adapter": "model",
+    "extract": "model",
+    "inject": "model",
+    "merge": "model",
+    "merge_and_unload": "model",
+    "sbora_layers": "model",
+    "trainable_parameters": "model",
+    "unload": "model",
+    "unmerge": "model",
+    "from_peft": "peft_io",
+    "to_peft": "peft_io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "Adapter",

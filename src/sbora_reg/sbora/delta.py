@@ -8,9 +8,23 @@ never through a one-hot matrix, and always in float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sbora_reg.errors import AdapterFormatError
+from sbora_reg.sbora.cells import cells
+
+__all__ = [
+    "add_regional",
+    "axis",
+    "cells",
+    "delta_weight",
+    "fa_delta",
+    "fb_delta",
+    "lora_delta",
+    "merge_regional",
+]
 
 Shape = tuple[int, int]
 
@@ -27,6 +41,47 @@ def fb_delta(a: torch.Tensor, idx: torch.Tensor, scale: float, shape: Shape) -> 
     delta = torch.zeros(shape, dtype=torch.float32, device=a.device)
     delta[idx.to(a.device), :] = scale * a.detach().float()
     return delta
+
+
+def axis(variant: str) -> int:
+    """The dimension of ``(out, in)`` that an index set selects: 1 (columns) for FA, 0 for FB."""
+    if variant not in ("fa", "fb"):
+        raise AdapterFormatError(f"a {variant!r} module has no index axis")
+    return 1 if variant == "fa" else 0
+
+
+def add_regional(
+    region: torch.Tensor, variant: str, positions: torch.Tensor, factor: torch.Tensor, scale: float
+) -> None:
+    """``region[:, positions] += s·B`` (FA) or ``region[positions, :] += s·A`` (FB), in place.
+
+    ``region`` is float32, ``(out, u)`` for FA or ``(u, in)`` for FB; ``positions`` (r,) index it.
+    The one regional merge: the layer, compose and the combined adapter all add through it.
+    """
+    region.index_add_(axis(variant), positions, scale * factor.detach().float())
+
+
+def merge_regional(
+    weight: torch.Tensor,
+    variant: str,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``cast(W + Σ ΔW)`` for ``(idx, factor, scale)`` parts of one variant on ``weight`` (out, in).
+
+    Only the union of the parts' indices goes through float32 (members in order); every other
+    weight is untouched. With ``dtype == weight.dtype`` the result *is* ``weight``, changed in
+    place (also through a transposed view).
+    """
+    dim = axis(variant)
+    union = torch.unique(torch.cat([idx.to(weight.device) for idx, _, _ in parts]))  # sorted (u,)
+    region = weight.index_select(dim, union).float()  # (out, u) or (u, in)
+    for idx, factor, scale in parts:
+        positions = torch.searchsorted(union, idx.to(weight.device))
+        add_regional(region, variant, positions, factor, scale)
+    merged = weight.to(dtype)
+    merged.index_copy_(dim, union, region.to(dtype))
+    return merged
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,13 +105,3 @@ def delta_weight(
     if variant == "lora" and a is not None and b is not None:
         return lora_delta(a, b, scale)
     raise AdapterFormatError(f"incomplete factors for a {variant!r} module")
-
-
-def cells(variant: str, shape: Shape, rank: int) -> int:
-    """How many weight cells a module's update may touch (FA out·r, FB r·in, LoRA all)."""
-    out, inp = shape
-    if variant == "fa":
-        return out * rank
-    if variant == "fb":
-        return rank * inp
-    return out * inp

@@ -177,14 +177,11 @@ class SBoRALayer(nn.Module):
         if self.merged:
             return
         w = self._weight_view()
-        if self.variant == "fa":
+        if self.variant in ("fa", "fb"):
             idx = self.sbora_idx
-            old = w[:, idx].clone()  # (out, r)
-            w[:, idx] = (old.float() + self.scale * self.sbora_B.float()).to(w.dtype)
-        elif self.variant == "fb":
-            idx = self.sbora_idx
-            old = w[idx, :].clone()  # (r, in)
-            w[idx, :] = (old.float() + self.scale * self.sbora_A.float()).to(w.dtype)
+            old = w.index_select(_delta.axis(self.variant), idx)  # (out, r) or (r, in), a copy
+            factor = self.sbora_B if self.variant == "fa" else self.sbora_A
+            _delta.merge_regional(w, self.variant, [(idx, factor, self.scale)], w.dtype)
         else:
             old = w.clone()
             w.copy_(old.float() + _delta.lora_delta(self.sbora_A, self.sbora_B, self.scale))

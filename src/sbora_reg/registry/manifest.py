@@ -1,0 +1,121 @@
+"""What ``compose`` writes beside the weights, and ``audit`` reads back: the manifest, the card.
+
+``sbora_manifest.json`` lists the members and the regions each declares (indices as ranges; see
+docs/FORMAT.md); ``README.md`` is a model card whose YAML front matter names the base. Torch
+free: members are read through their ``adapter.modules`` (variant, kind, shape, indices).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sbora_reg import __version__
+from sbora_reg.errors import AdapterFormatError
+from sbora_reg.registry.overlap import RegionLike
+from sbora_reg.registry.ranges import format_ranges, parse_ranges
+from sbora_reg.registry.records import Region
+
+MANIFEST_NAME = "sbora_manifest.json"
+MANIFEST_FORMAT = "sbora-manifest"
+CARD_NAME = "README.md"
+# compose's output formats: a merged checkpoint, one multi-task SBoRA adapter, one PEFT adapter
+FORMATS = ("merged", "adapter", "peft")
+OUT_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # merged weights may be cast to these
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def member_ref(member: Any) -> str:
+    """``name@version`` (or ``name`` for a member that is not registered)."""
+    return member.name if member.version is None else f"{member.name}@{member.version}"
+
+
+def manifest(members: Sequence[Any], allow_overlap: bool, fingerprint: str | None) -> dict:
+    """``sbora_manifest.json``: members and the regions they declare (read by ``audit``)."""
+    rows = []
+    for member in members:
+        regions = {
+            name: {
+                "variant": m.variant,
+                "kind": m.kind,
+                "shape": list(m.shape),
+                "indices": None if m.indices is None else format_ranges(m.indices.numpy()),
+            }
+            for name, m in sorted(member.adapter.modules.items())
+        }
+        rows.append(
+            {"name": member.name, "version": member.version, "sha256": member.sha256,
+             "regions": regions}
+        )  # fmt: skip
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": 1,
+        "tool_version": __version__,
+        "base_fingerprint": fingerprint,
+        "allow_overlap": allow_overlap,
+        "members": rows,
+    }
+
+
+def model_card(members: Sequence[Any], base_model: str, fmt: str, command: str) -> str:
+    """README.md with YAML front matter naming the base and every member."""
+    tags = ["sbora", "sbora-reg", "merge" if fmt == "merged" else "lora"]
+    lines = ["---", f"base_model: {json.dumps(base_model)}", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    lines += ["---", "", "# Composed SBoRA model", ""]
+    lines += [
+        f"{len(members)} SBoRA task adapters composed by sbora-reg {__version__} "
+        f"(format `{fmt}`) onto `{base_model}`.",
+        "",
+        "| member | version | modules | sha256 |",
+        "|---|---|---|---|",
+    ]
+    for m in members:
+        v = "" if m.version is None else m.version
+        lines.append(f"| {m.name} | {v} | {len(m.adapter.modules)} | `{m.sha256 or ''}` |")
+    lines += ["", "Regions per member: `sbora_manifest.json`.", "", "Command:", "", "```"]
+    lines += [command, "```", ""]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DeclaredRegion:
+    """A region some source declares: where it came from, the module kind, the region."""
+
+    source: str  # "manifest:name@1" or "registry:name@1"
+    kind: str | None  # "linear" | "conv1d" | None (unknown: decided from the stored shape)
+    region: RegionLike
+
+
+def read_manifest(checkpoint: str | Path) -> dict[str, list[DeclaredRegion]] | None:
+    """Declared regions of ``sbora_manifest.json`` in a checkpoint (None when it has none)."""
+    path = Path(checkpoint) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}")
+        declared: dict[str, list[DeclaredRegion]] = {}
+        for member in data["members"]:
+            version = member.get("version")
+            ref = member["name"] if version is None else f"{member['name']}@{version}"
+            for module, spec in member["regions"].items():
+                shape = (int(spec["shape"][0]), int(spec["shape"][1]))
+                variant = spec["variant"]
+                if variant not in ("fa", "fb", "lora"):
+                    raise ValueError(f"unknown variant {variant!r} for {module}")
+                dim = shape[1] if variant == "fa" else shape[0]
+                text = spec.get("indices")
+                idx = _EMPTY if variant == "lora" or text is None else parse_ranges(text, size=dim)
+                declared.setdefault(module, []).append(
+                    DeclaredRegion(f"manifest:{ref}", spec.get("kind"), Region(variant, shape, idx))
+                )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterFormatError(f"cannot read {path}: {exc}") from exc
+    return declared
