@@ -181,7 +181,9 @@ def test_all_pairs_small_chunks_and_unsorted_segments() -> None:
     from sbora_reg.registry import region_table
 
     same_small = region_table._same_axis_pairs(table, chunk=3)
-    np.testing.assert_array_equal(np.rint(same_small), np.rint(region_table._same_axis_pairs(table)))
+    np.testing.assert_array_equal(
+        np.rint(same_small), np.rint(region_table._same_axis_pairs(table))
+    )
     # The same segments handed over in reverse order pack to the same answers.
     rev = np.arange(len(table.seg_count))[::-1]
     starts = np.concatenate(([0], np.cumsum(table.seg_count)[:-1]))
