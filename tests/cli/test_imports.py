@@ -62,3 +62,46 @@ def test_commands_that_do_not_quantise_never_import_bitsandbytes(
     assert [code for _, code, _ in seen] == [0] * len(commands), seen
     assert [verb for verb, _, imported in seen if imported] == []
     assert "gemm_4bit" not in done.stderr
+
+
+READ_ONLY = """
+import json, sys
+from sbora_reg.cli import main
+try:
+    main(json.loads(sys.argv[1]), prog_name="sbora-reg", standalone_mode=False)
+except SystemExit as exc:
+    assert not exc.code, exc.code
+heavy = ("torch", "transformers", "safetensors", "bitsandbytes", "peft", "alembic")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+def test_read_commands_import_neither_torch_nor_transformers(
+    tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    from sbora_reg.registry import Registry
+
+    make_adapter(tmp_path / "a", tiny_lm_dir, "fa", seed=1, targets=("q_proj",))
+    make_adapter(tmp_path / "b", tiny_lm_dir, "fb", seed=2, targets=("v_proj",))
+    db = str(tmp_path / "reg.db")
+    with Registry.open(db) as registry:  # created and migrated here, not in the commands
+        for name in ("a", "b"):
+            registry.add(tmp_path / name, name=name, base=str(tiny_lm_dir))
+    commands = {
+        "--help": ["--help"],
+        "list": ["--db", db, "list"],
+        "list --json": ["--db", db, "list", "--json"],
+        "show": ["--db", db, "show", "a@1"],
+        "overlap": ["--db", db, "overlap", "a", "b"],
+        "overlap --against-all": ["--db", db, "overlap", "--against-all", "a", "--json"],
+        "db current": ["--db", db, "db", "current"],
+    }
+    for label, args in commands.items():
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, (label, done.stderr)
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [], label

@@ -59,6 +59,8 @@ def test_single_linear_head() -> None:
     assert len(script.get_bases()) == 1
     assert all(len(r.nextrev) <= 1 for r in revisions)  # no branches
     assert migrations.head_revision() == script.get_current_head()
+    # the list that opening a registry reads instead of Alembic's scripts
+    assert tuple(r.revision for r in reversed(revisions)) == migrations.REVISIONS
 
 
 def test_empty_to_head_matches_models(db: Database) -> None:

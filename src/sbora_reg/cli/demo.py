@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from sbora_reg.cli import main
-from sbora_reg.cli.tables import retention_table
+from sbora_reg.cli.common import console, progress
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
+
     from sbora_reg.demo import DemoReport
 
 
@@ -44,25 +44,18 @@ def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
     """
     from sbora_reg.demo import DemoConfig, run_demo
 
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    err = console(stderr=True)
+    with progress("loss {task.fields[loss]}") as bar:
         bars: dict[str, TaskID] = {}
 
         def on_step(skill: str, step: int, total: int, loss: float) -> None:
             if skill not in bars:
-                bars[skill] = progress.add_task(f"training {skill}", total=total, loss="-")
-            progress.update(bars[skill], completed=step + 1, loss=f"{loss:.3f}")
+                bars[skill] = bar.add_task(f"training {skill}", total=total, loss="-")
+            bar.update(bars[skill], completed=step + 1, loss=f"{loss:.3f}")
 
         report = run_demo(
             DemoConfig(workdir=workdir, steps=steps, rank=rank),
-            on_event=lambda msg: console.print(f"[bold]•[/bold] {msg}"),
+            on_event=lambda msg: err.print(f"[bold]•[/bold] {msg}"),
             on_step=on_step,
         )
     if as_json:
@@ -72,11 +65,13 @@ def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
 
 
 def _render(report: DemoReport) -> None:
+    from sbora_reg.cli.tables import retention_table
+
     title = "How much of each skill survived composition (held-out examples)"
     table = retention_table(report.rows, title, label="skill")
-    console = Console()
-    console.print(table)
-    console.print(
+    out = console()
+    out.print(table)
+    out.print(
         f"adapters: {', '.join(report.adapters)} · shared weights between them: "
         f"{report.overlap_cells}\n"
         f"composed checkpoint: {report.composed_dir} · audit: {report.audit_changed:,} weights "

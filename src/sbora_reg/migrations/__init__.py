@@ -4,6 +4,9 @@ A new database is created at head on first use; an older one is upgraded under a
 lock next to a SQLite database, ``pg_advisory_lock`` on PostgreSQL) so that processes opening it
 at once do not both migrate. A database whose revision this code does not know was written by a
 newer sbora-reg and is refused.
+
+Opening a registry at head costs one query: the revisions are listed here (``REVISIONS``; a test
+checks them against the scripts) and Alembic is imported only to migrate.
 """
 
 from __future__ import annotations
@@ -15,22 +18,29 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 
 from sbora_reg import __version__
 from sbora_reg.errors import SchemaError
 from sbora_reg.registry.database import PG_MIGRATE_LOCK, Database
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
 log = logging.getLogger(__name__)
+
+# Every revision of versions/, oldest first; the last is the head.
+REVISIONS = ("0001", "0002", "0003")
+VERSION_TABLE = "alembic_version"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic ``Config`` built in code; ``connection`` is shared with ``env.py``."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(files("sbora_reg.migrations")))
     if connection is not None:
@@ -40,26 +50,34 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 @lru_cache(maxsize=1)
 def script_directory() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
 def head_revision() -> str:
-    heads = script_directory().get_heads()
-    if len(heads) != 1:  # pragma: no cover - guarded by tests/migrations
-        raise SchemaError(f"the packaged migrations have {len(heads)} heads; reinstall sbora-reg")
-    return heads[0]
+    return REVISIONS[-1]
+
+
+def _read_revision(conn: Connection) -> str | None:
+    """The database's revision (None when empty), as Alembic stores it: one row, one column."""
+    if not inspect(conn).has_table(VERSION_TABLE):
+        return None
+    rows = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+    if len(rows) > 1:
+        raise SchemaError(f"the registry has {len(rows)} schema revisions: {', '.join(rows)}")
+    return rows[0] if rows else None
 
 
 def current_revision(db: Database) -> str | None:
     with db.translate_errors(), db.engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return _read_revision(conn)
 
 
 def _check_known(db: Database, revision: str | None) -> None:
     if revision is None:
         return
-    known = {s.revision for s in script_directory().walk_revisions()}
-    if revision not in known:
+    if revision not in REVISIONS:
         raise SchemaError(
             f"the registry {db.location.display} has schema revision {revision}, newer than "
             f"this sbora-reg {__version__} knows (head {head_revision()}): upgrade sbora-reg, "
@@ -92,8 +110,10 @@ def _migration_lock(db: Database) -> Iterator[Connection]:
 
 
 def _run(db: Database, revision: str, downgrade: bool) -> None:
+    from alembic import command
+
     with db.translate_errors(), _migration_lock(db) as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
+        current = _read_revision(conn)
         _check_known(db, current)
         conn.rollback()  # end the read so Alembic starts its own transaction
         cfg = alembic_config(conn)

@@ -11,15 +11,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sbora_reg import __version__
 from sbora_reg.errors import AdapterFormatError
-from sbora_reg.registry.overlap import RegionLike
-from sbora_reg.registry.ranges import format_ranges, parse_ranges
-from sbora_reg.registry.records import Region
+
+if TYPE_CHECKING:
+    from sbora_reg.registry.overlap import RegionLike
 
 MANIFEST_NAME = "sbora_manifest.json"
 MANIFEST_FORMAT = "sbora-manifest"
@@ -27,7 +25,6 @@ CARD_NAME = "README.md"
 # compose's output formats: a merged checkpoint, one multi-task SBoRA adapter, one PEFT adapter
 FORMATS = ("merged", "adapter", "peft")
 OUT_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # merged weights may be cast to these
-_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def member_ref(member: Any) -> str:
@@ -37,6 +34,8 @@ def member_ref(member: Any) -> str:
 
 def manifest(members: Sequence[Any], allow_overlap: bool, fingerprint: str | None) -> dict:
     """``sbora_manifest.json``: members and the regions they declare (read by ``audit``)."""
+    from sbora_reg.registry.ranges import format_ranges
+
     rows = []
     for member in members:
         regions = {
@@ -94,6 +93,13 @@ class DeclaredRegion:
 
 def read_manifest(checkpoint: str | Path) -> dict[str, list[DeclaredRegion]] | None:
     """Declared regions of ``sbora_manifest.json`` in a checkpoint (None when it has none)."""
+    # numpy and the region types only when a manifest is read (the CLI imports this module)
+    import numpy as np
+
+    from sbora_reg.registry.ranges import parse_ranges
+    from sbora_reg.registry.records import Region
+
+    empty = np.zeros(0, dtype=np.int64)
     path = Path(checkpoint) / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -112,7 +118,7 @@ def read_manifest(checkpoint: str | Path) -> dict[str, list[DeclaredRegion]] | N
                     raise ValueError(f"unknown variant {variant!r} for {module}")
                 dim = shape[1] if variant == "fa" else shape[0]
                 text = spec.get("indices")
-                idx = _EMPTY if variant == "lora" or text is None else parse_ranges(text, size=dim)
+                idx = empty if variant == "lora" or text is None else parse_ranges(text, size=dim)
                 declared.setdefault(module, []).append(
                     DeclaredRegion(f"manifest:{ref}", spec.get("kind"), Region(variant, shape, idx))
                 )
