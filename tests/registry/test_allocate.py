@@ -13,11 +13,8 @@ from transformers import LlamaConfig
 from sbora_reg import sbora
 from sbora_reg.errors import AllocationError, NoMatchingModulesError, NotFoundError
 from sbora_reg.registry import models as m
-from sbora_reg.registry.allocate import (
-    allocate,
-    consume_matching_reservation,
-    release,
-)
+from sbora_reg.registry.allocate import allocate, release
+from sbora_reg.registry.queries import consume_matching_reservation
 from sbora_reg.registry.store import Registry
 
 HIDDEN, LAYERS = 64, 2

@@ -15,19 +15,19 @@ unless ``allow_cross_variant=True``, in which case it proceeds and lists those c
 ``Allocation.warnings``.
 
 An adapter trained on a reservation consumes it when it is registered: ``Registry.register``
-calls :func:`consume_matching_reservation` inside its write transaction.
+calls ``queries.consume_matching_reservation`` inside its write transaction.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from sbora_reg.errors import AllocationError, ConfigError, NoMatchingModulesError, NotFoundError
@@ -37,7 +37,7 @@ from sbora_reg.registry.ranges import format_ranges
 from sbora_reg.registry.records import BaseRecord
 from sbora_reg.sbora.config import SBoRAConfig
 
-if TYPE_CHECKING:  # store imports this module to consume reservations
+if TYPE_CHECKING:
     from sbora_reg.registry.store import Registry
 
 log = logging.getLogger(__name__)
@@ -290,52 +290,3 @@ def release(registry: Registry, reservation_id: int) -> None:
             delete(m.ReservationRegion).where(m.ReservationRegion.reservation_id == reservation_id)
         )
         session.delete(row)
-
-
-def consume_matching_reservation(
-    session: Session,
-    base_id: int,
-    adapter_id: int,
-    regions: Iterable[tuple[int, str, np.ndarray | None]],
-) -> int | None:
-    """Mark the live reservation an adapter was trained on as consumed by it.
-
-    ``regions`` are the new adapter's ``(module_id, variant, indices)``. A reservation matches
-    when, on every module it reserves, the adapter has the same variant and exactly the reserved
-    indices. Call inside the write transaction that inserts the adapter. Returns the id or None.
-    """
-    by_module = {
-        mid: (variant, None if idx is None else np.sort(np.asarray(idx, dtype=np.int64)))
-        for mid, variant, idx in regions
-    }
-    live = session.execute(
-        select(
-            m.Reservation.id,
-            m.Reservation.variant,
-            m.ReservationRegion.module_id,
-            m.ReservationRegion.count,
-            m.ReservationRegion.indices,
-        )
-        .join(m.ReservationRegion, m.ReservationRegion.reservation_id == m.Reservation.id)
-        .where(m.Reservation.base_id == base_id, m.Reservation.consumed_by_adapter_id.is_(None))
-        .order_by(m.Reservation.id)
-    ).tuples()
-    matches: dict[int, bool] = {}
-    for res_id, variant, module_id, count, blob in live:
-        have = by_module.get(module_id)
-        same = (
-            have is not None
-            and have[0] == variant
-            and have[1] is not None
-            and np.array_equal(have[1], indexblob.decode(blob, count))
-        )
-        matches[res_id] = matches.get(res_id, True) and same
-    for res_id, ok in matches.items():
-        if ok:
-            session.execute(
-                update(m.Reservation)
-                .where(m.Reservation.id == res_id)
-                .values(consumed_by_adapter_id=adapter_id)
-            )
-            return res_id
-    return None

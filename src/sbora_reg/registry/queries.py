@@ -8,16 +8,18 @@ decodes every index blob of one width with a single ``np.frombuffer``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Select, Text, select, type_coerce
+from sqlalchemy import Connection, Select, Text, select, type_coerce, update
+from sqlalchemy.orm import Session
 
 from sbora_reg.errors import RegistryError
-from sbora_reg.registry import footprints
+from sbora_reg.registry import footprints, indexblob
 from sbora_reg.registry import models as m
 from sbora_reg.registry.records import AdapterRecord, Region
 from sbora_reg.registry.region_table import RegionTable
@@ -269,3 +271,52 @@ def fetch_region_table(conn: Connection, base_id: int, fingerprint: str) -> Regi
         seg_variant=decoded.variants,
         indices=(decoded.flat, decoded.counts),
     )
+
+
+def consume_matching_reservation(
+    session: Session,
+    base_id: int,
+    adapter_id: int,
+    regions: Iterable[tuple[int, str, np.ndarray | None]],
+) -> int | None:
+    """Mark the live reservation an adapter was trained on as consumed by it.
+
+    ``regions`` are the new adapter's ``(module_id, variant, indices)``. A reservation matches
+    when, on every module it reserves, the adapter has the same variant and exactly the reserved
+    indices. Call inside the write transaction that inserts the adapter. Returns the id or None.
+    """
+    by_module = {
+        mid: (variant, None if idx is None else np.sort(np.asarray(idx, dtype=np.int64)))
+        for mid, variant, idx in regions
+    }
+    live = session.execute(
+        select(
+            m.Reservation.id,
+            m.Reservation.variant,
+            m.ReservationRegion.module_id,
+            m.ReservationRegion.count,
+            m.ReservationRegion.indices,
+        )
+        .join(m.ReservationRegion, m.ReservationRegion.reservation_id == m.Reservation.id)
+        .where(m.Reservation.base_id == base_id, m.Reservation.consumed_by_adapter_id.is_(None))
+        .order_by(m.Reservation.id)
+    ).tuples()
+    matches: dict[int, bool] = {}
+    for res_id, variant, module_id, count, blob in live:
+        have = by_module.get(module_id)
+        same = (
+            have is not None
+            and have[0] == variant
+            and have[1] is not None
+            and np.array_equal(have[1], indexblob.decode(blob, count))
+        )
+        matches[res_id] = matches.get(res_id, True) and same
+    for res_id, ok in matches.items():
+        if ok:
+            session.execute(
+                update(m.Reservation)
+                .where(m.Reservation.id == res_id)
+                .values(consumed_by_adapter_id=adapter_id)
+            )
+            return res_id
+    return None

@@ -394,8 +394,6 @@ class Registry:
         )
         session.add(row)
         session.flush()
-        from sbora_reg.registry.allocate import consume_matching_reservation
-
         conn = session.connection()  # Core executemany: no ORM bookkeeping per region
         if tags:
             conn.execute(
@@ -412,7 +410,7 @@ class Registry:
             insert(m.Base.metadata.tables["footprints"]),
             [{**footprints.encode(triples), "adapter_id": row.id}],
         )
-        consume_matching_reservation(session, base.id, row.id, triples)
+        q.consume_matching_reservation(session, base.id, row.id, triples)
         return row.id
 
     # Reading -------------------------------------------------------------------------------
