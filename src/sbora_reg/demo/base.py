@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sbora_reg.errors import SboraRegError
+from sbora_reg.sbora.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ def prepare_base(target: Path, dtype: torch.dtype = torch.float32) -> Path:
     plain = LlamaForCausalLM(config)  # type: ignore[arg-type]
     plain.to(dtype=dtype)  # type: ignore[call-arg]
     plain.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    with atomic_dir(target, replace=True) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target

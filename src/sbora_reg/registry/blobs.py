@@ -1,31 +1,31 @@
 """Content-addressed adapter files under ``<data_dir>/blobs/<sha256>/``.
 
-The content hash of an adapter is ``sbora_reg.sbora.adapter.files_sha256`` of its stored files:
-sha256 over ``name\\0size\\0bytes`` of each file in name order, so a native adapter's blob is named
-by its ``Adapter.sha256()`` and the hash does not depend on timestamps or the directory name.
-Files are copied into ``blobs/.tmp-<pid>-<random>/`` on the same filesystem while being hashed,
-fsynced, then renamed into place in one ``os.rename``: a blob directory is complete or absent.
+The content hash of an adapter is ``sbora.files.files_sha256`` of its stored files, so a native
+adapter's blob is named by its ``Adapter.sha256()`` and the hash depends on neither timestamps
+nor the directory name. Files are copied into ``blobs/.tmp-<pid>-<random>/`` on the same
+filesystem while being hashed (``ContentDigest``), fsynced, then renamed into place in one
+``os.rename``: a blob directory is complete or absent. Staging dirs of dead processes are found
+by ``sbora.files.stale_temps``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from sbora_reg.errors import AdapterFormatError
+from sbora_reg.sbora.files import TMP_MARK, ContentDigest, stale_temps
 
 _CHUNK = 1 << 20
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = TMP_MARK
 
 
-def _copy_hashing(src: Path, dst: Path, digest: Any) -> int:
-    """Copy ``src`` to ``dst`` (fsynced) feeding ``name\\0size\\0bytes`` to ``digest``."""
+def _copy_hashing(src: Path, dst: Path, digest: ContentDigest) -> int:
+    """Copy ``src`` to ``dst`` (fsynced) while feeding it to ``digest``."""
     size = src.stat().st_size
-    digest.update(f"{src.name}\0{size}\0".encode())
+    digest.start(src.name, size)
     copied = 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         while chunk := fin.read(_CHUNK):
@@ -53,7 +53,7 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=self.root))
         try:
-            digest = hashlib.sha256()
+            digest = ContentDigest()
             size = sum(_copy_hashing(f, tmp / f.name, digest) for f in sorted(files))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,16 +79,7 @@ class BlobStore:
 
     def stale_temps(self) -> list[Path]:
         """Staging dirs whose writing process no longer runs (killed mid-add)."""
-        if not self.root.is_dir():
-            return []
-        stale = []
-        for p in self.root.iterdir():
-            if not p.name.startswith(TMP_PREFIX):
-                continue
-            pid_text = p.name[len(TMP_PREFIX) :].split("-", 1)[0]
-            if not pid_text.isdigit() or not _pid_alive(int(pid_text)):
-                stale.append(p)
-        return stale
+        return stale_temps(self.root)
 
     def detach(self, sha256: str) -> Path | None:
         """Atomically move a blob out of the store (to a staging name) so it can be deleted."""
@@ -104,15 +95,3 @@ class BlobStore:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -23,7 +23,6 @@ import json
 import mmap
 import os
 import re
-import secrets
 import shutil
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,8 @@ from typing import Any, BinaryIO
 import torch
 
 from sbora_reg.errors import AdapterFormatError, ConfigError, InternalError, OutputError
+from sbora_reg.sbora import files
+from sbora_reg.sbora.files import stale_temps
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -431,25 +432,14 @@ def check_free_space(out: Path, need: int) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out`` that becomes ``out`` only if the block succeeds.
+    """``sbora.files.atomic_dir`` for an ``--out`` path: checked first, ``force`` replaces it.
 
-    The temporary name is ``<out>.tmp-<random>``; on any exception it is removed, so an
-    interrupted write never leaves a directory that looks finished. With ``force`` an existing
-    ``out`` is replaced (moved aside, then removed after the new one is in place).
+    Temp folders that killed writers left beside ``out`` (``<out>.tmp-<pid>-*`` of processes
+    that no longer run) are removed first; a live writer's are left alone.
     """
     out = Path(out).absolute()
     check_out_dir(out, force)
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
+    for stale in stale_temps(out.parent, out.name):
+        shutil.rmtree(stale, ignore_errors=True)
+    with files.atomic_dir(out, replace=force) as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -8,7 +8,6 @@ LoRA (imported from PEFT) ``ΔW = s·B@A``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from sbora_reg.errors import AdapterFormatError, ConfigError
 from sbora_reg.sbora import delta as _delta
 from sbora_reg.sbora.config import SBoRAConfig
+from sbora_reg.sbora.files import files_sha256
 from sbora_reg.sbora.indices import sort_indices
 from sbora_reg.sbora.storage import (
     is_pickle_name,
@@ -242,16 +242,6 @@ class Adapter:
         from sbora_reg.sbora.peft_io import from_peft
 
         return from_peft(directory)
-
-
-def files_sha256(files: dict[str, bytes]) -> str:
-    """sha256 over ``name\\0size\\0bytes`` of each file, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(files):
-        data = files[name]
-        h.update(f"{name}\0{len(data)}\0".encode())
-        h.update(data)
-    return h.hexdigest()
 
 
 def dir_sha256(directory: str | Path) -> str:

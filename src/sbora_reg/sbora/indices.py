@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from sbora_reg.errors import AdapterFormatError, ConfigError, InvalidIndicesError
-from sbora_reg.sbora.storage import read_safetensors, safetensors_bytes, write_atomic
+from sbora_reg.sbora.files import write_atomic
+from sbora_reg.sbora.storage import read_safetensors, safetensors_bytes
 
 IndicesLike = torch.Tensor | Sequence[int]
 INDICES_FORMAT = "sbora-indices"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from sbora_reg.errors import AdapterFormatError, PickleRefusedError
+from sbora_reg.sbora.files import atomic_dir, fsync_write, write_atomic
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -76,27 +75,12 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n :]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_dir_atomic(target: Path, files: Mapping[str, bytes]) -> None:
     """Write a folder of files so a killed process never leaves a half-written folder.
 
-    A new (or empty) folder is built under a temp name beside ``target`` and renamed into place.
-    An existing non-empty folder keeps its other files: each file is replaced atomically, in the
-    order given.
+    A new (or empty) folder is built under a temp name beside ``target`` and renamed into place
+    (``files.atomic_dir``). An existing non-empty folder keeps its other files: each file is
+    replaced atomically, in the order given.
     """
     if target.exists() and not target.is_dir():
         raise AdapterFormatError(f"{target} exists and is not a folder: choose another path")
@@ -104,20 +88,6 @@ def write_dir_atomic(target: Path, files: Mapping[str, bytes]) -> None:
         for name, data in files.items():
             write_atomic(target / name, data)
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         for name, data in files.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        if target.is_dir():
-            target.rmdir()  # empty: os.replace cannot replace a folder
-        os.replace(tmp, target)
-    except BaseException:
-        for child in tmp.glob("*"):
-            child.unlink(missing_ok=True)
-        if tmp.exists():
-            tmp.rmdir()
-        raise
+            fsync_write(tmp / name, data)
