@@ -104,25 +104,32 @@ def compose_cmd(
 ) -> None:
     """Compose registered adapters onto BASE: checked for overlap, written atomically, recorded."""
     from sbora_reg.registry.compose import compose
-    from sbora_reg.registry.retention import eval_members
 
     command = shlex.join(["sbora-reg", *sys.argv[1:]])
-    bars = progress("{task.fields[tensor]}", hidden=as_json or dry_run)
-    with open_registry(ctx) as registry, bars as bar:
-        members = eval_members(registry, refs, evals)  # a bad --eval fails before writing
+    err = console(stderr=True, quiet=as_json)
+    with (
+        open_registry(ctx) as registry,
+        progress("{task.fields[tensor]}", hidden=as_json or dry_run) as bar,
+    ):
         task = bar.add_task("compose", total=None, tensor="")
+
+        def on_tensor(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, tensor=name)
+
+        def on_measure(member: str) -> None:
+            bar.update(task, visible=False)
+            err.print(f"Measuring {member}: base, alone, composed ...")
+
         result = compose(
             registry, refs, base, out, fmt, dtype=dtype, shard_size=shard_size,
             allow_overlap=allow_overlap, force=force, dry_run=dry_run, command=command,
-            progress=lambda done, total, name: bar.update(task, completed=done, total=total,
-                                                          tensor=name),
+            progress=on_tensor, measure=evals, on_measure=on_measure,
         )  # fmt: skip
-    rows = [] if dry_run or not members else _measure(base, result, members, as_json)
     if as_json:
-        echo_json({**result.to_dict(), "retention": [r.to_json() for r in rows]})
+        echo_json(result.to_dict())
     else:
         _render(result)
-        _render_retention(rows)
+        _render_retention(result.retention)
 
 
 def _eval_pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -135,18 +142,9 @@ def _eval_pairs(values: tuple[str, ...]) -> dict[str, str]:
     return pairs
 
 
-def _measure(base: Path, result: ComposeResult, members: list, quiet: bool) -> list[RetentionRow]:
-    from sbora_reg.registry.retention import composed_model, measure_retention
-
-    err = console(stderr=True, quiet=quiet)
-    err.print("Measuring each member's skill: base, alone, composed ...")
-    model = composed_model(base, Path(result.out), result.format)
-    return measure_retention(base, model, members, lambda name: err.print(f"  {name}"))
-
-
 def _render_retention(rows: list[RetentionRow]) -> None:
+    from sbora_reg.cli.tables import retention_table
+
     if rows:
         title = "How much of each member's skill survived the composition"
-        from sbora_reg.cli.tables import retention_table
-
         console().print(retention_table(rows, title))

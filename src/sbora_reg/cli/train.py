@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -123,18 +123,22 @@ def train(
     """Train an SBoRA adapter on a JSONL file; under torchrun, DDP over the processes."""
     import torch
 
-    from sbora_reg.registry.names import check_name
+    from sbora_reg.registry.jobs import train_and_register
     from sbora_reg.sbora.training import resolve_config, train_adapter
 
     if steps is not None and epochs is not None:
         raise click.UsageError("pass --steps or --epochs, not both")
     if task is not None and register_as is None:
         raise click.UsageError("--task is recorded with --register NAME")
-    if register_as is not None:
-        check_name(register_as)
     config = resolve_config(
         variant=variant, r=rank, alpha=alpha, target_modules=targets, seed=seed, indices=indices
     )
+    options: dict[str, Any] = {
+        "config": config, "indices": indices, "steps": steps, "epochs": epochs or 1,
+        "batch_size": batch_size, "lr": lr, "seed": seed, "quantize": quantize,
+        "dtype": torch.bfloat16 if bf16 else torch.float32,
+        "gradient_checkpointing": gradient_checkpointing,
+    }  # fmt: skip
     # the loss bar is for people: only on rank 0
     with progress("loss {task.fields[loss]}", hidden=not _main_process()) as bars:
         bar = bars.add_task("training", total=None, loss="-")
@@ -142,28 +146,15 @@ def train(
         def on_step(step: int, total: int, loss: float) -> None:
             bars.update(bar, completed=step + 1, total=total, loss=f"{loss:.4f}")
 
-        result = train_adapter(
-            base,
-            data,
-            out,
-            config=config,
-            indices=indices,
-            steps=steps,
-            epochs=epochs or 1,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            dtype=torch.bfloat16 if bf16 else torch.float32,
-            gradient_checkpointing=gradient_checkpointing,
-            quantize=quantize,
-            on_step=on_step,
-        )
+        if register_as is None:
+            result, record = train_adapter(base, data, out, on_step=on_step, **options), None
+        else:
+            result, record = train_and_register(
+                lambda: open_registry(ctx), register_as, base, data, out, task=task,
+                on_step=on_step, **options,
+            )  # fmt: skip
     if result.rank != 0:
         return
-    record = None
-    if register_as is not None:
-        with open_registry(ctx) as registry:
-            record = registry.add(out, name=register_as, task=task, base=str(base))
     if as_json:
         echo_json({**result.to_json(), "registered": record.to_json() if record else None})
     else:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -70,6 +70,9 @@ __all__ = [
     "load_members",
 ]
 
+if TYPE_CHECKING:
+    from sbora_reg.registry.retention import RetentionRow
+
 # Base files that are weights or describe weights: never copied into the output as they are.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIP_NAMES = {INDEX_NAME, CARD_NAME, MANIFEST_NAME, "pytorch_model.bin.index.json"}
@@ -92,9 +95,10 @@ class ComposeResult:
     files: dict[str, str] = field(default_factory=dict)
     output_sha256: str | None = None
     composition_id: int | None = None
+    retention: list[RetentionRow] = field(default_factory=list)  # with ``measure``
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "retention": [row.to_json() for row in self.retention]}
 
 
 # --- files beside the weights ------------------------------------------------------------
@@ -447,14 +451,21 @@ def compose(
     force: bool = False,
     dry_run: bool = False,
     command: str | None = None,
+    measure: Mapping[str, str | Path] | None = None,
+    on_measure: Callable[[str], None] | None = None,
 ) -> ComposeResult:
     """Compose registered adapters onto ``base_dir`` and record the composition.
 
     ``refs`` are ``name`` (latest version) or ``name@version``; the options are those of
     ``compose_members``. The database is written once, after the output is in place, in one
-    short transaction.
+    short transaction. ``measure`` (``{member: JSONL file}``, read before anything is written)
+    scores those members on the base, alone and composed into ``result.retention``
+    (``on_measure(member)`` as each starts). Each member is loaded once for all of it.
     """
+    from sbora_reg.registry.retention import eval_sets
+
     loaded = load_members(registry, refs)
+    sets = eval_sets(registry, loaded, measure or {})
     for record, _ in loaded:
         if record.base_fingerprint != loaded[0][0].base_fingerprint:
             raise FingerprintMismatchError(
@@ -494,4 +505,9 @@ def compose(
         session.add(row)
         session.flush()
         result.composition_id = row.id
+    if sets:
+        from sbora_reg.registry.retention import composed_model, measure_retention
+
+        model = composed_model(Path(base_dir), Path(result.out), fmt)
+        result.retention = measure_retention(base_dir, model, sets, on_measure)
     return result

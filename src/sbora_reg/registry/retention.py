@@ -75,26 +75,25 @@ def measure_retention(
     return rows
 
 
-def eval_members(
-    registry: Any, refs: Sequence[str], evals: Mapping[str, str | Path]
+def eval_sets(
+    registry: Any, loaded: Sequence[tuple[Any, Any]], evals: Mapping[str, str | Path]
 ) -> list[tuple[str, Adapter, list[Any]]]:
-    """Resolve ``{member ref: JSONL file}`` against the composition's ``refs`` and load both.
+    """``(ref, adapter, examples)`` for ``{member ref: JSONL file}``, against loaded members.
 
-    Every key must name one of the members (``name`` or ``name@version``); data files are read
-    up front so that a bad file fails before anything is composed.
+    ``loaded`` are the composition's ``(record, member)`` pairs (``compose.load_members``); every
+    key must name one of them (``name`` or ``name@version``). Data files are read here, before
+    anything is composed, so that a bad file fails first.
     """
-    from sbora_reg.registry.compose import load_members
-
     if not evals:
         return []
-    loaded = {record.ref: member for record, member in load_members(registry, refs)}
+    members = {record.ref: member for record, member in loaded}
     chosen: list[tuple[str, Adapter, list[Any]]] = []
     for key, path in evals.items():
         ref = registry.resolve(key).ref
-        if ref not in loaded:
+        if ref not in members:
             raise ConfigError(
                 f"--eval names {key}, which is not a member of this composition "
-                f"({', '.join(loaded)})"
+                f"({', '.join(members)})"
             )
-        chosen.append((ref, loaded[ref].adapter, load_examples(path)))
+        chosen.append((ref, members[ref].adapter, load_examples(path)))
     return chosen
