@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "registry"))
+sys.path.insert(0, str(ROOT))  # the suite's helpers: tests.registry.registry_factory
 
 
 def _registry(tmp: Path) -> str:
-    from registry_factory import make_adapter, make_base
+    from tests.registry.registry_factory import make_adapter, make_base
 
     from sbora_reg.registry import Registry
 

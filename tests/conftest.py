@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests import tiny
 
 # CI sets this (.ci/run): there every component the tests need is installed and started, so a
 # skipped test is a failure (a missing PostgreSQL must not pass as "48 skipped").
@@ -22,7 +23,7 @@ NO_SKIP = os.environ.get("SBORA_REG_NO_SKIP") == "1"
 def build_tiny_lm(target: Path, seed: int = 0) -> Path:
     """Write a 2-layer, hidden-64 Llama and a char-level fast tokenizer into ``target``."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials + [chr(c) for c in range(32, 127)])}
@@ -31,17 +32,8 @@ def build_tiny_lm(target: Path, seed: int = 0) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
+    config = tiny.llama(
+        "l64-96", vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, bos_token_id=1
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(target)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "registry"))
-from registry_factory import make_adapter, make_base  # noqa: E402
+from tests.registry.registry_factory import make_adapter, make_base
 
 from sbora_reg.cli import main  # noqa: E402
 from sbora_reg.registry import Registry  # noqa: E402

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from transformers import LlamaConfig
+from tests import tiny
 
 from sbora_reg import sbora
 from sbora_reg.cli import main
@@ -15,14 +15,7 @@ from sbora_reg.registry.store import Registry
 
 def test_allocate_json_file_and_exhaustion(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=20,
-    ).save_pretrained(base)
+    tiny.llama("l32", vocab_size=20).save_pretrained(base)
     db = str(tmp_path / "reg.db")
     with Registry.open(db) as reg:
         reg.add_base(base)
@@ -63,14 +56,7 @@ def test_allocate_json_file_and_exhaustion(tmp_path: Path) -> None:
 
 def test_allocate_cross_variant_needs_the_flag(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=20,
-    ).save_pretrained(base)
+    tiny.llama("l32", num_hidden_layers=1, vocab_size=20).save_pretrained(base)
     db = str(tmp_path / "reg.db")
     with Registry.open(db) as reg:
         reg.add_base(base)

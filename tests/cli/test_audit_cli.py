@@ -10,7 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tests import tiny
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from sbora_reg import sbora
 from sbora_reg.cli import main
@@ -35,14 +36,7 @@ def _adapter(base: Path, out: Path, variant: str, idx: list[int], target: str) -
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("cli_audit")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=30,
-    )
+    config = tiny.llama("l32")
     base = root / "base"
     LlamaForCausalLM(config).save_pretrained(base)
     db = root / "reg.db"

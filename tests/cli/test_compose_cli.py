@@ -9,7 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests import tiny
+from transformers import LlamaForCausalLM
 
 from sbora_reg.cli import main
 from sbora_reg.registry import Registry
@@ -35,10 +36,9 @@ def _adapter(base: Path, cols: list[int], seed: int) -> Adapter:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=50,
-    )  # fmt: skip
+    config = tiny.llama(
+        "l32", intermediate_size=64, num_hidden_layers=1, num_key_value_heads=1, vocab_size=50
+    )
     LlamaForCausalLM(config).save_pretrained(root / "base")
     db = str(root / "reg.db")
     with Registry.open(db) as registry:

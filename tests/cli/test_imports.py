@@ -10,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "registry"))
-from registry_factory import make_adapter  # noqa: E402
+from tests.registry.registry_factory import make_adapter
 
 from sbora_reg import sbora  # noqa: E402
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from tests import tiny
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from sbora_reg import sbora
 from sbora_reg.cli import main
@@ -19,14 +20,7 @@ Q = "model.layers.{}.self_attn.q_proj"
 
 
 def _base(path: Path, hidden: int) -> Path:
-    LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=20,
-    ).save_pretrained(path)
+    tiny.llama("l32", hidden_size=hidden, vocab_size=20).save_pretrained(path)
     return path
 
 

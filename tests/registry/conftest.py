@@ -7,18 +7,16 @@ starts one); each test gets a database of its own, dropped afterwards.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-# registry_factory sits beside this file; make it importable under any --import-mode.
-sys.path.insert(0, str(Path(__file__).parent))
-from registry_factory import make_base  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
+
+# registry_factory sits beside this file; make it importable under any --import-mode.
+from tests.registry.registry_factory import make_base
 
 from sbora_reg.registry import Registry  # noqa: E402
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
+from tests import tiny
 
 from sbora_reg.sbora import Adapter, AdapterModule, SBoRAConfig
 from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
@@ -16,13 +16,8 @@ TARGETS = ("q_proj", "v_proj", "up_proj")
 
 def make_base(directory: Path, hidden: int = 64, layers: int = 2) -> Path:
     """A tiny Llama model directory (config.json is all the registry reads)."""
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
+    config = tiny.llama(
+        "l64", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers
     )
     config.save_pretrained(directory)
     return directory

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig
+from tests import tiny
 
 from sbora_reg import sbora
 from sbora_reg.errors import AllocationError, NoMatchingModulesError, NotFoundError
@@ -23,13 +23,8 @@ HIDDEN, LAYERS = 64, 2
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("base")
-    LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=96,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
+    tiny.llama(
+        "l64-96", hidden_size=HIDDEN, num_hidden_layers=LAYERS, vocab_size=50
     ).save_pretrained(path)
     return path
 
@@ -256,9 +251,9 @@ def test_concurrent_allocations_never_share_an_index(
 
 def test_gpt2_conv1d_allocation_feeds_inject(tmp_path: Path) -> None:
     """Conv1D layers are allocated in the (out, in) frame that inject and the registry use."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=30)
+    config = tiny.gpt2("g16", n_layer=2, vocab_size=30)
     config.save_pretrained(tmp_path / "gpt2")
     with Registry.open(tmp_path / "reg.db") as reg:
         reg.add_base(tmp_path / "gpt2")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tests import tiny
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from sbora_reg import sbora
 from sbora_reg.errors import AdapterFormatError
@@ -116,14 +117,7 @@ def test_picture_marks_overlaps_red_and_draws_each_task(tmp_path: Path) -> None:
 
 def _llama_dir(path: Path, shard: str | None = None) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=30,
-    )
+    config = tiny.llama("l32")
     model = LlamaForCausalLM(config)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(path, **kwargs)
@@ -230,7 +224,7 @@ def test_missing_manifest_and_reshaped_tensors(merged: dict, tmp_path: Path) -> 
 
 def test_conv1d_regions_are_transposed(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30))
+    model = GPT2LMHeadModel(tiny.gpt2("g16", vocab_size=30))
     base = tmp_path / "base"
     model.save_pretrained(base)
     config = sbora.SBoRAConfig(variant="fa", r=2, alpha=2, target_modules=("c_attn",))

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests import tiny
 from transformers import (
     AutoModelForCausalLM,
-    GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -36,15 +35,7 @@ V = "model.layers.{}.self_attn.v_proj"
 
 def save_llama(path: Path, dtype: torch.dtype = torch.float32, shard: str = "5GB") -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        tie_word_embeddings=False,
-    )
+    config = tiny.llama("l64", vocab_size=100, tie_word_embeddings=False)
     LlamaForCausalLM(config).to(dtype).save_pretrained(path, max_shard_size=shard)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     return path
@@ -200,7 +191,7 @@ def test_merged_model_logits_equal_dense_reference(llama: Path, tmp_path: Path) 
 
 def test_conv1d_regions_are_transposed(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32)
+    config = tiny.gpt2("g16", n_embd=32, n_layer=2, vocab_size=50, n_positions=32)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     base = tmp_path / "gpt2"
     a = make_adapter(base, {"transformer.h.0.attn.c_attn": ("fa", [1, 4])}, 1)

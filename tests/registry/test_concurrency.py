@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from registry_factory import make_adapter
+from tests.registry.registry_factory import make_adapter
 
 from sbora_reg.registry import Registry, blobs, store
 from sbora_reg.sbora import dir_sha256

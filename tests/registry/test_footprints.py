@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from registry_factory import make_adapter
 from sqlalchemy import select, update
+from tests.registry.registry_factory import make_adapter
 
 from sbora_reg.errors import RegistryError
 from sbora_reg.registry import Registry, footprints

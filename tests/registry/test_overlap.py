@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tests import tiny
+from transformers import GPT2LMHeadModel
 
 from sbora_reg.errors import FingerprintMismatchError, OverlapError, ShapeMismatchError
 from sbora_reg.registry.overlap import (
@@ -120,7 +121,7 @@ def test_check_against_and_ensure_disjoint() -> None:
 
 def test_conv1d_regions_compare_in_out_in_frame() -> None:
     """GPT-2 c_attn is Conv1D, weight stored (in, out) = (16, 48); regions live in (48, 16)."""
-    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    model = GPT2LMHeadModel(tiny.gpt2("g16"))
     kind, shape = module_table(model)["transformer.h.0.attn.c_attn"]
     assert kind == "conv1d" and shape == (48, 16)
     assert tuple(model.transformer.h[0].attn.c_attn.weight.shape) == (16, 48)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tests import tiny
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from sbora_reg import sbora
 from sbora_reg.registry.overlap import Footprint, Region, compare
@@ -13,13 +14,12 @@ from sbora_reg.sbora.fingerprint import model_fingerprint
 
 
 def _llama() -> torch.nn.Module:
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=20)  # fmt: skip
+    config = tiny.llama("l32", num_hidden_layers=1, num_key_value_heads=1, vocab_size=20)
     return LlamaForCausalLM(config)
 
 
 def _gpt2() -> torch.nn.Module:
-    return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20))
+    return GPT2LMHeadModel(tiny.gpt2("g16", vocab_size=20))
 
 
 def _adapter(make, variant: str, r: int, targets: tuple[str, ...], seed: int) -> sbora.Adapter:

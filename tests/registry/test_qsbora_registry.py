@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from click.testing import CliRunner  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tests import tiny
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from sbora_reg import sbora  # noqa: E402
 from sbora_reg.cli import main  # noqa: E402
@@ -25,14 +26,7 @@ from sbora_reg.sbora.fingerprint import dir_fingerprint  # noqa: E402
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=53,
-    )
+    cfg = tiny.llama("l64", num_hidden_layers=1, vocab_size=53)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("qsbora-base") / "tiny"
     LlamaForCausalLM(cfg).save_pretrained(path)

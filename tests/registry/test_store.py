@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from registry_factory import make_adapter, make_base
+from tests.registry.registry_factory import make_adapter, make_base
 
 from sbora_reg.errors import (
     AdapterFormatError,

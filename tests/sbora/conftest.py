@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from sbora_refs import GPT2, LLAMA
+from tests.sbora.sbora_refs import GPT2, LLAMA
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import torch
+from tests import tiny
 from torch import nn
-from transformers import GPT2Config, LlamaConfig
 
-LLAMA = LlamaConfig(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=101,
-    max_position_embeddings=64,
-)
-GPT2 = GPT2Config(
-    n_embd=48, n_layer=2, n_head=4, vocab_size=89, n_positions=32, bos_token_id=0, eos_token_id=0
-)
+LLAMA = tiny.llama("l64-96")
+GPT2 = tiny.gpt2("g48", bos_token_id=0, eos_token_id=0)
 
 
 def one_hot(idx: torch.Tensor, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sbora_refs import LLAMA, dense_delta, randomise_adapter
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests import tiny
+from tests.sbora.sbora_refs import dense_delta, randomise_adapter
+from transformers import LlamaForCausalLM
 
 from sbora_reg import sbora
 from sbora_reg.errors import (
@@ -211,7 +212,7 @@ def test_inconsistent_tensors(saved, change, error: type, words: str) -> None:
 
 # ---- applying to the wrong model -----------------------------------------------------------
 def test_fingerprint_mismatch_leaves_the_model_alone(saved) -> None:
-    other = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "intermediate_size": 80}))
+    other = LlamaForCausalLM(tiny.llama("l64-96", intermediate_size=80))
     with pytest.raises(FingerprintMismatchError, match="another base model"):
         Adapter.load(saved).apply(other)
     assert not list(sbora.sbora_layers(other))
@@ -221,10 +222,10 @@ def test_fingerprint_mismatch_leaves_the_model_alone(saved) -> None:
 def test_shape_mismatch_without_fingerprint(saved) -> None:
     adapter = Adapter.load(saved)
     adapter.base_fingerprint = None
-    other = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "intermediate_size": 80}))
+    other = LlamaForCausalLM(tiny.llama("l64-96", intermediate_size=80))
     with pytest.raises(ShapeMismatchError, match=r"\(64, 80\) in the model"):
         adapter.apply(other)
-    smaller = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "num_hidden_layers": 1}))
+    smaller = LlamaForCausalLM(tiny.llama("l64-96", num_hidden_layers=1))
     with pytest.raises(ShapeMismatchError, match="no linear layer model.layers.1"):
         adapter.apply(smaller)
     assert not list(sbora.sbora_layers(other)) and not list(sbora.sbora_layers(smaller))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from sbora_refs import dense_delta, randomise_adapter
+from tests.sbora.sbora_refs import dense_delta, randomise_adapter
 from torch import nn
 
 from sbora_reg import sbora

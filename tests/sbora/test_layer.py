@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from sbora_refs import dense_delta
+from tests.sbora.sbora_refs import dense_delta
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D

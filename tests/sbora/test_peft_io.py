@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from sbora_refs import randomise_adapter
+from tests.sbora.sbora_refs import randomise_adapter
 
 from sbora_reg import sbora
 from sbora_reg.errors import AdapterFormatError, PickleRefusedError

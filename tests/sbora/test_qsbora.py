@@ -17,7 +17,8 @@ bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
 import bitsandbytes.functional as bnbf  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tests import tiny  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from sbora_reg import sbora  # noqa: E402
 from sbora_reg.errors import ConfigError, QuantizationError  # noqa: E402
@@ -36,15 +37,7 @@ INT8 = (8, "nf4", False, torch.float32)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny fp32 Llama saved as a transformers checkpoint (built from a config)."""
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=64,
-    )
+    cfg = tiny.llama("l64", vocab_size=97, max_position_embeddings=64)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)

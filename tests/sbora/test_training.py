@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sbora_refs import randomise_adapter
+from tests.sbora.sbora_refs import randomise_adapter
 from transformers import Trainer, TrainingArguments
 
 from sbora_reg import sbora
