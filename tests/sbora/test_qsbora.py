@@ -22,7 +22,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from sbora_reg import sbora  # noqa: E402
 from sbora_reg.errors import ConfigError, QuantizationError  # noqa: E402
-from sbora_reg.sbora import quant  # noqa: E402
+from sbora_reg.sbora import quant, requant  # noqa: E402
 from sbora_reg.sbora.fingerprint import dir_fingerprint, model_fingerprint  # noqa: E402
 from sbora_reg.sbora.layer import SBoRALayer  # noqa: E402
 
@@ -341,7 +341,7 @@ def test_requantize_reports_weights_changed_outside_the_region(checkpoint, varia
     layers = sbora_layers(model)
     base = {n: quant.dequantize_weight(m.base_layer) for n, m in layers.items()}
     masks = {n: region(m) for n, m in layers.items()}
-    report = quant.requantize(model)
+    report = requant.requantize(model)
     assert not sbora_layers(model)
     assert set(report.modules) == set(layers)
     for name, stats in report.modules.items():
@@ -377,7 +377,7 @@ def test_bad_merge_requests_are_clear_errors(checkpoint):
         quant.merge_dequantized(model, dtype=torch.int8)
     dense = inject(LlamaForCausalLM.from_pretrained(checkpoint), "fa")
     with pytest.raises(QuantizationError, match="unquantised base"):
-        quant.requantize(dense)
+        requant.requantize(dense)
 
 
 # ---------------------------------------------------------------------------------- adapters
@@ -489,7 +489,7 @@ def test_quantised_layers_never_repack_once_loaded_injected_or_requantised(check
     assert four_bit_layers(model)
     assert all(not m.support_avx512bf16_for_cpu for m in four_bit_layers(model))
     randomise_factors(model)
-    quant.requantize(model)
+    requant.requantize(model)
     assert all(not m.support_avx512bf16_for_cpu for m in four_bit_layers(model))
 
 
