@@ -51,6 +51,7 @@ def _register_commands() -> None:
     from sbora_reg.cli import (  # noqa: F401
         adapters,
         audit,
+        bases,
         compose,
         db,
         demo,

@@ -233,7 +233,7 @@ def allocate(
     """
     if variant not in ("fa", "fb"):
         raise ConfigError(f"variant must be 'fa' or 'fb', not {variant!r}")
-    base_rec = registry.get_base(base)
+    base_rec = registry.add_base(base)  # a local model directory is registered on the way
     with registry.write() as session:
         res_id, chosen, warnings = reserve(
             session,

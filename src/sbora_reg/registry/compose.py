@@ -473,6 +473,7 @@ def compose(
                 "compose members of one base only"
             )
     members = [m for _, m in loaded]
+    base = registry.get_base(loaded[0][0].base)
     if command is None:
         command = equivalent_command(
             members, Path(base_dir), Path(out_dir).absolute(), fmt, dtype=dtype,
@@ -481,11 +482,10 @@ def compose(
     result = compose_members(
         members, base_dir, out_dir, fmt, dtype=dtype, shard_size=shard_size, progress=progress,
         allow_overlap=allow_overlap, force=force, dry_run=dry_run, command=command,
-        base_model=loaded[0][0].base,
+        base_model=base.card_name,
     )  # fmt: skip
     if result.dry_run:
         return result
-    base = registry.get_base(loaded[0][0].base_fingerprint)
     with registry.write() as session:
         row = models.Composition(
             base_id=base.id,

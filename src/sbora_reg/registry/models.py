@@ -50,12 +50,14 @@ class Base(DeclarativeBase):
 
 
 class BaseModel(Base):
-    """A base model: name (local path or Hub id), optional revision, shape fingerprint."""
+    """A base model: name (its local path), optional short label and Hub id, shape fingerprint."""
 
     __tablename__ = "bases"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(512), unique=True)
+    label: Mapped[str | None] = mapped_column(String(200), unique=True, index=True)
+    hub_id: Mapped[str | None] = mapped_column(String(200))
     revision: Mapped[str | None] = mapped_column(String(128))
     fingerprint: Mapped[str] = mapped_column(String(64), index=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

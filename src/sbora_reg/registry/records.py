@@ -55,10 +55,19 @@ class BaseRecord:
     fingerprint: str
     created: datetime
     modules: dict[str, BaseModule] = field(repr=False)
+    label: str | None = None  # a short name of its own (``base add --name``)
+    hub_id: str | None = None  # ``owner/name`` on the Hub: model cards' ``base_model``
+
+    @property
+    def card_name(self) -> str:
+        """What a model card names as ``base_model``: the Hub id, else the local path."""
+        return self.hub_id or self.name
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "label": self.label,
+            "hub_id": self.hub_id,
             "revision": self.revision,
             "fingerprint": self.fingerprint,
             "created": self.created.isoformat(),

@@ -32,7 +32,14 @@ from sbora_reg.registry import models as m
 from sbora_reg.registry import queries as q
 from sbora_reg.registry.blobs import BlobStore, dir_size
 from sbora_reg.registry.database import DEFAULT_BUSY_TIMEOUT_S, Database, locate
-from sbora_reg.registry.names import check_name, check_tags, parse_ref
+from sbora_reg.registry.names import (
+    check_hub_id,
+    check_hub_name,
+    check_name,
+    check_tags,
+    hub_id_from_config,
+    parse_ref,
+)
 from sbora_reg.registry.reading import (
     AdapterSummary,
     adapter_files,
@@ -135,19 +142,31 @@ class Registry:
     # Bases ---------------------------------------------------------------------------------
 
     def add_base(
-        self, path_or_name: str | os.PathLike[str], revision: str | None = None
+        self,
+        path_or_name: str | os.PathLike[str],
+        revision: str | None = None,
+        *,
+        label: str | None = None,
+        hub_id: str | None = None,
     ) -> BaseRecord:
         """Register a base model from a local transformers directory (config.json only).
 
-        Registering the same directory again returns the existing record (its config is not
-        read again: register a changed model from another path).
+        ``label`` is a short name of its own (the Hub's name grammar); ``hub_id``
+        (``owner/name``) is what model cards name as ``base_model``, by default the config's
+        ``_name_or_path`` when it is such an id. Registering the same directory again returns
+        the existing record, with ``label``/``hub_id`` set when given (its config is not read
+        again: register a changed model from another path).
         """
         from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
 
         text = str(path_or_name)
+        if label is not None:
+            check_hub_name(label, "base name")
+        if hub_id is not None:
+            check_hub_id(hub_id)
         if not _is_local_model(text):
             try:
-                return self.get_base(text)
+                return self._label_base(self.get_base(text), label, hub_id)
             except NotFoundError:
                 raise NotFoundError(
                     f"{text} is neither a registered base nor a local model directory with "
@@ -157,7 +176,8 @@ class Registry:
         with self.read() as session:
             known = session.scalar(select(m.BaseModel.id).where(m.BaseModel.name == name))
         if known is not None:
-            return self._base_by_id(known)
+            return self._label_base(self._base_by_id(known), label, hub_id)
+        hub_id = hub_id or hub_id_from_config(Path(name))
         table = dir_module_table(name)  # file I/O before the write transaction
         fingerprint = fingerprint_table(table)
         with self.write() as session:
@@ -171,7 +191,11 @@ class Registry:
                     )
                 base_id = row.id
             else:
-                row = m.BaseModel(name=name, revision=revision, fingerprint=fingerprint)
+                self._check_label_free(session, label)
+                row = m.BaseModel(
+                    name=name, revision=revision, fingerprint=fingerprint, label=label,
+                    hub_id=hub_id,
+                )  # fmt: skip
                 session.add(row)
                 session.flush()
                 base_id = row.id
@@ -190,8 +214,31 @@ class Registry:
                 )
         return self._base_by_id(base_id)
 
+    def _check_label_free(self, session: Session, label: str | None, base_id: int = 0) -> None:
+        if label is None:
+            return
+        other = session.scalar(
+            select(m.BaseModel.name).where(m.BaseModel.label == label, m.BaseModel.id != base_id)
+        )
+        if other is not None:
+            raise RegistryError(f"the base name {label!r} is taken by {other}: choose another")
+
+    def _label_base(self, base: BaseRecord, label: str | None, hub_id: str | None) -> BaseRecord:
+        """``base`` with ``label``/``hub_id`` recorded where given and different."""
+        changes = {
+            key: value
+            for key, value in (("label", label), ("hub_id", hub_id))
+            if value is not None and value != getattr(base, key)
+        }
+        if not changes:
+            return base
+        with self.write() as session:
+            self._check_label_free(session, changes.get("label"), base.id)
+            session.execute(update(m.BaseModel).where(m.BaseModel.id == base.id).values(**changes))
+        return self._base_by_id(base.id)
+
     def get_base(self, name_or_fingerprint: str) -> BaseRecord:
-        """A registered base by name (or local path) or by shape fingerprint."""
+        """A registered base by name (its local path), label, Hub id or shape fingerprint."""
         candidates = [name_or_fingerprint]
         if _is_local_model(name_or_fingerprint):
             candidates.append(str(Path(name_or_fingerprint).expanduser().resolve()))
@@ -200,6 +247,8 @@ class Registry:
                 select(m.BaseModel.id)
                 .where(
                     m.BaseModel.name.in_(candidates)
+                    | (m.BaseModel.label == name_or_fingerprint)
+                    | (m.BaseModel.hub_id == name_or_fingerprint)
                     | (m.BaseModel.fingerprint == name_or_fingerprint)
                 )
                 .order_by(m.BaseModel.id)
@@ -207,8 +256,8 @@ class Registry:
             )
         if base_id is None:
             raise NotFoundError(
-                f"no base model {name_or_fingerprint!r} in the registry: add an adapter with "
-                "--base PATH to register it"
+                f"no base model {name_or_fingerprint!r} in the registry: register it with "
+                "`sbora-reg base add PATH` (or add an adapter with --base PATH)"
             )
         return self._base_by_id(base_id)
 
@@ -230,8 +279,9 @@ class Registry:
                 for mod in mods
             }
             return BaseRecord(
-                row.id, row.name, row.revision, row.fingerprint, _utc(row.created), modules
-            )
+                row.id, row.name, row.revision, row.fingerprint, _utc(row.created), modules,
+                label=row.label, hub_id=row.hub_id,
+            )  # fmt: skip
 
     # Adding --------------------------------------------------------------------------------
 
