@@ -55,6 +55,7 @@ def _register_commands() -> None:
         compose,
         db,
         demo,
+        hub,
         overlap,
         train,
     )

@@ -249,3 +249,26 @@ class CompositionMember(Base):
     )
     adapter_ref: Mapped[str] = mapped_column(String(220))
     adapter_sha256: Mapped[str] = mapped_column(String(64))
+
+
+class HubRef(Base):
+    """A commit on the Hub that an adapter version or a composition was pushed to or pulled from.
+
+    Exactly one of ``adapter_id`` / ``composition_id`` is set. No token is ever stored.
+    """
+
+    __tablename__ = "hub_refs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int | None] = mapped_column(
+        ForeignKey("adapters.id", ondelete="CASCADE"), index=True
+    )
+    composition_id: Mapped[int | None] = mapped_column(
+        ForeignKey("compositions.id", ondelete="CASCADE"), index=True
+    )
+    direction: Mapped[str] = mapped_column(String(8))  # "push" | "pull"
+    repo: Mapped[str] = mapped_column(String(200), index=True)
+    revision: Mapped[str] = mapped_column(String(200))
+    commit: Mapped[str] = mapped_column(String(64), index=True)
+    endpoint: Mapped[str] = mapped_column(String(512))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

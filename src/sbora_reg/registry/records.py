@@ -124,11 +124,34 @@ class AdapterRecord:
 
 
 @dataclass(frozen=True)
+class HubRefRecord:
+    """A Hub commit an adapter version or composition was pushed to (or pulled from)."""
+
+    direction: str  # "push" | "pull"
+    repo: str
+    revision: str
+    commit: str
+    endpoint: str
+    created: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction,
+            "repo": self.repo,
+            "revision": self.revision,
+            "commit": self.commit,
+            "endpoint": self.endpoint,
+            "created": self.created.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
 class AdapterDetail:
-    """``show``: the record and, per module, the region it touches."""
+    """``show``: the record, per module the region it touches, and its Hub commits."""
 
     record: AdapterRecord
     regions: dict[str, Region]
+    hub: list[HubRefRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         from sbora_reg.registry.ranges import format_ranges
@@ -144,7 +167,8 @@ class AdapterDetail:
             }
             for name, r in sorted(self.regions.items())
         }
-        return {**self.record.to_json(), "modules": modules}
+        hub = [ref.to_json() for ref in self.hub]
+        return {**self.record.to_json(), "modules": modules, "hub": hub}
 
 
 @dataclass(frozen=True)

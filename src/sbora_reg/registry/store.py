@@ -27,7 +27,7 @@ from sbora_reg.errors import (
     NotFoundError,
     RegistryError,
 )
-from sbora_reg.registry import footprints, indexblob
+from sbora_reg.registry import footprints, hub_refs, indexblob
 from sbora_reg.registry import models as m
 from sbora_reg.registry import queries as q
 from sbora_reg.registry.blobs import BlobStore, dir_size
@@ -517,9 +517,18 @@ class Registry:
             .order_by(m.Adapter.name, m.Adapter.version)
         )
 
+    def by_id(self, adapter_id: int) -> AdapterRecord:
+        """The adapter version with database id ``adapter_id``."""
+        found = self._records(q.adapter_select().where(m.Adapter.id == adapter_id))
+        if not found:
+            raise NotFoundError(f"no adapter version with id {adapter_id}")
+        return found[0]
+
     def show(self, ref: str) -> AdapterDetail:
         record = self.resolve(ref)
-        return AdapterDetail(record, self.regions(record))
+        with self.read() as session:
+            hub = hub_refs.listed(session, adapter_id=record.id)
+        return AdapterDetail(record, self.regions(record), hub)
 
     def regions(self, adapter: str | AdapterRecord) -> dict[str, Region]:
         """Per module, the region one adapter touches."""
