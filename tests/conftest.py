@@ -7,13 +7,23 @@ Built offline from a config and a ``tokenizers`` WordLevel vocabulary of printab
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+import tempfile
 
-import pytest
-import torch
-from tests import tiny
+# huggingface_hub reads these when it is first imported (transformers imports it), so they are
+# set before anything else: a cache of this run's own, no telemetry, no Xet against the test Hub
+# (tests/hub_server.py), and never a real token.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sbora-reg-hf-home-")
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tests import tiny  # noqa: E402
 
 # CI sets this (.ci/run): there every component the tests need is installed and started, so a
 # skipped test is a failure (a missing PostgreSQL must not pass as "48 skipped").
