@@ -232,3 +232,16 @@ def test_push_of_a_compose_output_records_the_commit_on_the_composition(
     with registry.read() as session:
         refs = listed(session, composition_id=result.composition_id)
     assert [(r.repo, r.commit) for r in refs] == [("acme/composed", pushed.commit)]
+
+
+def test_an_upload_that_fails_midway_changes_nothing_and_a_retry_succeeds(
+    server: HubServer, registry: Registry
+) -> None:
+    # 403 on the LFS PUT: the client does not retry it (a 5xx would be retried with backoff)
+    server.fail("PUT", r"/_lfs/", status=403)
+    with pytest.raises(HubError, match="push to acme/tiny-fa") as caught:
+        hub.push(registry, "math", REPO, endpoint=server.url)
+    assert "\n" not in str(caught.value)
+    assert "sbora_adapter.safetensors" not in server.files(REPO)  # the repo exists, still empty
+    assert registry.show("math").hub == []
+    assert hub.push(registry, "math", REPO, endpoint=server.url).changed

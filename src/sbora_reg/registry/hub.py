@@ -123,6 +123,13 @@ def hub_errors(what: str) -> Iterator[None]:
         raise HubError(f"{what}: a file is missing on the Hub ({_first_line(exc)})") from None
     except (httpx2.HTTPError, OSError, HFValidationError) as exc:
         raise HubError(f"{what}: {_first_line(exc)}; nothing was changed, try again") from None
+    except RuntimeError as exc:  # an upload that failed midway: the HTTP error is its cause
+        if not isinstance(exc.__cause__, httpx2.HTTPError | OSError):
+            raise
+        cause = _first_line(exc.__cause__)
+        raise HubError(
+            f"{what}: {_first_line(exc)} ({cause}); nothing was committed, try again"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
