@@ -245,3 +245,31 @@ def test_an_upload_that_fails_midway_changes_nothing_and_a_retry_succeeds(
     assert "sbora_adapter.safetensors" not in server.files(REPO)  # the repo exists, still empty
     assert registry.show("math").hub == []
     assert hub.push(registry, "math", REPO, endpoint=server.url).changed
+
+
+def test_a_team_registry_composes_on_one_machine_what_another_pushed(
+    server: HubServer, db_url: str, tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    """One database, two data dirs as two machines: A adds and pushes, B composes."""
+    from sbora_reg.errors import NotFoundError
+    from sbora_reg.registry.compose import compose
+
+    a = Registry.open(db_url, data_dir=tmp_path / "machine-a")
+    b = Registry.open(db_url, data_dir=tmp_path / "machine-b")
+    try:
+        a.add_base(tiny_lm_dir, hub_id="acme/tiny-llama")
+        for name, target, seed in (("q", "q_proj", 1), ("v", "v_proj", 2), ("k", "k_proj", 3)):
+            make_adapter(tmp_path / name, tiny_lm_dir, "fa", seed=seed, targets=(target,))
+            a.add(tmp_path / name, name=name, base=str(tiny_lm_dir))
+        hub.push(a, "q", "acme/q", endpoint=server.url)
+        hub.push(a, "v", "acme/v", endpoint=server.url)
+        assert not b.blobs.path(b.resolve("q").sha256).exists()
+        with pytest.raises(NotFoundError, match="never pushed"):
+            compose(b, ["q", "k"], tiny_lm_dir, tmp_path / "b-out", command="t")
+        on_b = compose(b, ["q", "v"], tiny_lm_dir, tmp_path / "b-out", command="t")
+        on_a = compose(a, ["q", "v"], tiny_lm_dir, tmp_path / "a-out", command="t")
+        assert on_b.output_sha256 == on_a.output_sha256  # the same merged bytes on both machines
+        assert b.blobs.path(b.resolve("q").sha256).is_dir()  # fetched once, now stored on B
+    finally:
+        a.close()
+        b.close()

@@ -33,6 +33,7 @@ from sbora_reg.registry.checkpoint import (
     parse_size,
     tree_sha256,
 )
+from sbora_reg.registry.hub import local_blob
 from sbora_reg.registry.manifest import (
     CARD_NAME,
     FORMATS,
@@ -428,7 +429,7 @@ def load_members(registry: Registry, refs: Sequence[str]) -> list[tuple[AdapterR
         record = registry.resolve(ref)
         if any(r.id == record.id for r, _ in loaded):
             raise ConfigError(f"{record.ref} is named twice: list each member once")
-        blob = registry.blob_path(record.sha256)
+        blob = local_blob(registry, record)  # fetched from its Hub commit when not here
         fmt = detect_format(blob)
         adapter = Adapter.load(blob) if fmt == "sbora" else Adapter.from_peft(blob)
         # The registry checked the adapter against its base when it was added.

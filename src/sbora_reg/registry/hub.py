@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -192,9 +193,7 @@ def adapter_files(registry: Registry, record: AdapterRecord) -> dict[str, bytes]
     """The files a push uploads: native, the PEFT view, and the card (name -> bytes)."""
     from sbora_reg.sbora.adapter import Adapter
 
-    blob = registry.blob_path(record.sha256)
-    if not blob.is_dir():
-        raise NotFoundError(f"the files of {record.ref} are missing from the store: add it again")
+    blob = local_blob(registry, record)
     fmt = detect_format(blob)
     adapter = Adapter.load(blob) if fmt == "sbora" else Adapter.from_peft(blob)
     files = (
@@ -366,6 +365,43 @@ def _download_checked(
     if folder is None:  # pragma: no cover - names is never empty
         raise HubError(f"pull {repo}: nothing to download")
     return folder
+
+
+def local_blob(registry: Registry, record: AdapterRecord) -> Path:
+    """The stored files of ``record``, fetched from the Hub when this machine lacks them.
+
+    A registry shared by several machines (one PostgreSQL database) keeps blobs per machine; a
+    version pushed anywhere records its commit, so another machine downloads the files of that
+    commit (checked against the Hub's hashes, cached), stores them as the blob the database
+    names (content hash checked) and goes on.
+    """
+    path = registry.blobs.path(record.sha256)
+    if path.is_dir():
+        return path
+    with registry.read() as session:
+        refs = hub_refs.listed(session, adapter_id=record.id)
+    if not refs:
+        raise NotFoundError(
+            f"the files of {record.ref} are not on this machine and it was never pushed to the "
+            "Hub: add it again here, or push it from the machine that has it"
+        )
+    ref = refs[-1]
+    names = list(NATIVE_FILES if record.format == "sbora" else PEFT_FILES)
+    with hub_errors(f"fetch {record.ref} from {ref.repo}"):
+        info = _api(ref.endpoint).model_info(ref.repo, revision=ref.commit, files_metadata=True)
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    missing = [n for n in names if n not in siblings]
+    if missing:
+        raise HubError(f"{ref.repo}@{ref.commit[:12]} lacks {', '.join(missing)} of {record.ref}")
+    folder = _download_checked(ref.repo, ref.commit, names, siblings, ref.endpoint)
+    tmp, sha256, _size = registry.blobs.stage([folder / n for n in names])
+    if sha256 != record.sha256:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HubError(
+            f"{ref.repo}@{ref.commit[:12]} holds other files than {record.ref} (content "
+            f"{sha256[:12]}, registered {record.sha256[:12]}): push it again"
+        )
+    return registry.blobs.publish(tmp, sha256)
 
 
 def _base_for_pull(
