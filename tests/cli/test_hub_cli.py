@@ -69,3 +69,20 @@ def test_bad_push_and_pull_input(server: HubServer, tmp_path: Path, tiny_lm_dir:
         assert result.exit_code == 1, (args, result.output)
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: "), (args, result.output)
+
+
+def test_a_hub_that_does_not_answer_is_a_timeout_error(
+    server: HubServer, tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    from huggingface_hub import get_session
+
+    db = tmp_path / "a.db"
+    assert run(db, "base", "add", str(tiny_lm_dir), "--hub-id", "acme/tiny-llama").exit_code == 0
+    server.stall("GET", r"^/api/models/", seconds=3)
+    try:
+        result = run(db, "pull", "acme/anything", "--timeout", "0.5")
+    finally:
+        get_session().timeout = None  # this test process shares the client with other tests
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: pull acme/anything"), result.output

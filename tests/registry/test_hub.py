@@ -273,3 +273,19 @@ def test_a_team_registry_composes_on_one_machine_what_another_pushed(
     finally:
         a.close()
         b.close()
+
+
+def test_push_to_a_branch_and_pull_from_it(
+    server: HubServer, registry: Registry, tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    main_commit = hub.push(registry, "math", REPO, endpoint=server.url).commit
+    make_adapter(tmp_path / "b", tiny_lm_dir, "fa", seed=9, targets=("q_proj",))
+    registry.add(tmp_path / "b", name="math", base="tiny")  # math@2
+    dev = hub.push(registry, "math@2", REPO, revision="dev", endpoint=server.url)
+    assert dev.changed and dev.revision == "dev"
+    assert server.commits(REPO)[0] == main_commit  # main did not move
+    assert server.commits(REPO, branch="dev")[0] == dev.commit
+    with fresh_registry(tmp_path, tiny_lm_dir, "other") as other:
+        pulled = hub.pull(other, f"{REPO}@dev", endpoint=server.url)
+        assert pulled.commit == dev.commit
+        assert pulled.record.sha256 == registry.resolve("math@2").sha256

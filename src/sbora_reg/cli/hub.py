@@ -14,6 +14,13 @@ if TYPE_CHECKING:
     from sbora_reg.registry.hub import PushResult
 
 _ENDPOINT_HELP = "Hub URL [default: HF_ENDPOINT, else https://huggingface.co]."
+_timeout = click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for each answer of the Hub.",
+)
 
 
 @main.command()
@@ -24,6 +31,7 @@ _ENDPOINT_HELP = "Hub URL [default: HF_ENDPOINT, else https://huggingface.co]."
 @click.option("--private", is_flag=True, help="Create the repo private (if it does not exist).")
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to [default: main].")
 @click.option("--endpoint", metavar="URL", help=_ENDPOINT_HELP)
+@_timeout
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def push(
@@ -34,6 +42,7 @@ def push(
     private: bool,
     revision: str | None,
     endpoint: str | None,
+    timeout: float,
     as_json: bool,
 ) -> None:
     """Push NAME[@V] (native files, a PEFT view and a model card) to --repo in one commit.
@@ -45,6 +54,7 @@ def push(
 
     if (ref is None) == (path is None):
         raise click.UsageError("pass an adapter NAME[@V] or --path DIR, not both")
+    hub.use_timeout(timeout)
     options: dict[str, Any] = {"private": private, "revision": revision, "endpoint": endpoint}
     with open_registry(ctx) as registry:
         if path is not None:
@@ -74,6 +84,7 @@ def _render_push(result: PushResult) -> None:
 @click.option("--base", help="Base model: registered base or local model directory "
               "[default: the registered base whose Hub id is the card's base_model].")  # fmt: skip
 @click.option("--endpoint", metavar="URL", help=_ENDPOINT_HELP)
+@_timeout
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def pull(
@@ -82,6 +93,7 @@ def pull(
     name: str | None,
     base: str | None,
     endpoint: str | None,
+    timeout: float,
     as_json: bool,
 ) -> None:
     """Download an adapter repo (sbora-reg or plain PEFT LoRA), check every file, register it.
@@ -92,6 +104,7 @@ def pull(
     """
     from sbora_reg.registry import hub
 
+    hub.use_timeout(timeout)
     with open_registry(ctx) as registry:
         result = hub.pull(registry, repo_ref, name=name, base=base, endpoint=endpoint)
     if as_json:

@@ -138,6 +138,18 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def use_timeout(seconds: float) -> None:
+    """Give every request of this process's Hub client a ``seconds`` timeout (it has none).
+
+    The client shares one HTTP session per process; ``sbora-reg push``/``pull`` call this, a
+    library user decides for their own process.
+    """
+    import httpx2
+    from huggingface_hub import get_session
+
+    get_session().timeout = httpx2.Timeout(seconds)
+
+
 def _api(endpoint: str) -> Any:
     from huggingface_hub import HfApi
 
