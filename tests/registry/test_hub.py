@@ -88,12 +88,16 @@ def test_push_is_one_commit_with_native_peft_and_card_then_unchanged_is_no_commi
 
 
 def test_the_peft_view_loads_in_stock_peft_with_the_adapters_outputs(
-    server: HubServer, registry: Registry, tiny_lm_dir: Path
+    server: HubServer,
+    registry: Registry,
+    tiny_lm_dir: Path,
 ) -> None:
-    peft = pytest.importorskip("peft")
+    import peft
     from transformers import AutoModelForCausalLM
 
     hub.push(registry, "math", REPO, endpoint=server.url)
+    # PEFT would download by repo id from the client's import-time endpoint (HF_ENDPOINT baked
+    # into its URL template), so the repo's PEFT view is fetched with the client first.
     local = snapshot_download(REPO, endpoint=server.url, allow_patterns=["adapter_*"])
     ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
