@@ -115,6 +115,7 @@ def _print_detail(detail: AdapterDetail) -> None:
         ("created", r.created.isoformat()),
         ("tags", _tags(r.tags)),
         ("metadata", json.dumps(r.metadata, sort_keys=True)),
+        ("hub", ", ".join(f"{h.direction} {h.repo}@{h.commit[:12]}" for h in detail.hub)),
     ]:
         out.print(f"[bold]{key:>13}[/bold]  {value}", highlight=False)
     table = Table("module", "variant", "shape", "count", "indices")
