@@ -91,6 +91,11 @@ def test_eval_reports_base_alone_composed_against_dense_losses(setup, tmp_path, 
         assert gained > 0.1  # the member really learned its data
         expected = (want["base"] - want["composed"]) / gained
         assert row["retention"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        alone, composed_exact = row["alone"]["exact"], row["composed"]["exact"]
+        want_exact = composed_exact / alone if alone > 0 else None
+        assert row["exact_retention"] == (
+            pytest.approx(want_exact) if want_exact is not None else None
+        )
 
 
 def test_eval_of_a_non_member_or_bad_file_fails_before_writing(setup, tmp_path, tiny_lm_dir):

@@ -13,19 +13,26 @@ if TYPE_CHECKING:
 
 
 def retention_table(rows: Sequence[RetentionRow], title: str, label: str = "member") -> Table:
-    """Each row's skill on the base, alone and composed, and the share of its gain kept."""
+    """Each row's exact match on the base, alone and composed and the share of it kept (first),
+    then the answer loss and the share of its gain kept."""
     from rich.table import Table
 
     table = Table(title=title)
-    for col in (label, "loss: base → alone → composed", "exact: base → alone → composed"):
-        table.add_column(col)
-    table.add_column("kept", justify="right")
+    table.add_column(label)
+    table.add_column("exact: base → alone → composed")
+    table.add_column("exact kept", justify="right")
+    table.add_column("loss: base → alone → composed")
+    table.add_column("loss gain kept", justify="right")
     for r in rows:
-        kept = "n/a" if math.isnan(r.retention) else f"{r.retention:.0%}"
         table.add_row(
             r.member,
-            f"{r.base.loss:.3f} → {r.alone.loss:.3f} → {r.composed.loss:.3f}",
             f"{r.base.exact:.0%} → {r.alone.exact:.0%} → {r.composed.exact:.0%}",
-            kept,
+            _share(r.exact_retention),
+            f"{r.base.loss:.3f} → {r.alone.loss:.3f} → {r.composed.loss:.3f}",
+            _share(r.retention),
         )
     return table
+
+
+def _share(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.0%}"

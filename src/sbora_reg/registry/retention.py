@@ -33,18 +33,28 @@ class RetentionRow:
     composed: SkillScore
 
     @property
+    def exact_retention(self) -> float:
+        """Composed exact match over alone exact match: the skill that survived (first figure).
+
+        NaN when the member alone gets nothing right (there is no skill to keep).
+        """
+        return self.composed.exact / self.alone.exact if self.alone.exact > 0 else math.nan
+
+    @property
     def retention(self) -> float:
+        """Share of the answer-loss gain kept (a loss figure can hide a lost skill: see above)."""
         return loss_gain_kept(self.base, self.alone, self.composed)
 
     def to_json(self) -> dict[str, Any]:
-        kept = self.retention
+        exact, kept = self.exact_retention, self.retention
         return {
             "member": self.member,
             "examples": self.base.n,
+            "exact_retention": None if math.isnan(exact) else exact,
             "base": self.base.__dict__,
             "alone": self.alone.__dict__,
             "composed": self.composed.__dict__,
-            "retention": None if math.isnan(kept) else kept,
+            "retention": None if math.isnan(kept) else kept,  # loss gain kept
         }
 
 
