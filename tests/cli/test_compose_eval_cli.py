@@ -113,3 +113,55 @@ def test_eval_of_a_non_member_or_bad_file_fails_before_writing(setup, tmp_path, 
     assert res.exit_code == 2
     assert not out.exists()
     assert not list(tmp_path.glob("composed*"))
+
+
+def test_probe_sets_are_stored_and_scored_by_eval_and_compose_measure(setup, tmp_path, tiny_lm_dir):
+    """A probe set stored with a version scores it the same way --eval does with the file."""
+    from sbora_reg.registry import models as m
+
+    db, _, _, d3, d7 = setup
+    runner = CliRunner()
+    # stored with add --probe (times7, re-added: same content, same version) and set_probe
+    with Registry.open(db) as reg:
+        reg.set_probe("times3", d3)
+        blob = reg.blob_path(reg.resolve("times3").probe_sha256)
+        assert (blob / "probe.jsonl").read_bytes() == d3.read_bytes()
+    b_dir = tmp_path / "b"
+    added = runner.invoke(main, ["--db", db, "add", str(b_dir), "--name", "times7",
+                                 "--probe", str(d7), "--json"])  # fmt: skip
+    assert added.exit_code == 0, added.output
+    assert json.loads(added.stdout)["ref"] == "times7@1"
+    assert json.loads(added.stdout)["probe_sha256"]
+    assert runner.invoke(main, ["--db", db, "gc"]).exit_code == 0  # probe blobs are referenced
+    common = ["--db", db, "compose", "times3", "times7", "--base", str(tiny_lm_dir), "--json"]
+    by_file = runner.invoke(main, [*common, "--out", str(tmp_path / "f"),
+                                   "--eval", f"times3={d3}", "--eval", f"times7={d7}"])  # fmt: skip
+    by_probe = runner.invoke(main, [*common, "--out", str(tmp_path / "p"), "--measure"])
+    assert by_file.exit_code == 0 and by_probe.exit_code == 0, by_probe.output
+    rows_file = json.loads(by_file.stdout)["retention"]
+    rows_probe = json.loads(by_probe.stdout)["retention"]
+    assert rows_probe == rows_file and len(rows_probe) == 2
+    with Registry.open(db) as reg, reg.read() as session:
+        comp = session.get(m.Composition, json.loads(by_probe.stdout)["composition_id"])
+        assert comp.measurements == rows_probe  # recorded on the composition
+    # eval: alone and in the composed checkpoint, the same numbers as compose measured
+    alone = runner.invoke(main, ["--db", db, "eval", "times3", "--json"])
+    assert alone.exit_code == 0, alone.output
+    row = {r["member"]: r for r in rows_probe}["times3@1"]
+    assert json.loads(alone.stdout)["alone"] == row["alone"]
+    assert json.loads(alone.stdout)["base"] == row["base"]
+    composed = runner.invoke(
+        main, ["--db", db, "eval", "times3", "--checkpoint", str(tmp_path / "p"), "--json"]
+    )
+    assert composed.exit_code == 0, composed.output
+    assert json.loads(composed.stdout) == row
+    # no probe, or a bad one: one line, nothing changed
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    for args in (["add", str(b_dir), "--name", "other", "--probe", str(bad)],):
+        result = runner.invoke(main, ["--db", db, *args])
+        assert result.exit_code == 1 and result.output.startswith("Error: "), result.output
+    with Registry.open(db) as reg:
+        assert [r.ref for r in reg.list()] == ["times3@1", "times7@1"]
+        make = reg.resolve("times7")
+    assert make.probe_sha256

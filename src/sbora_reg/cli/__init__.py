@@ -56,6 +56,7 @@ def _register_commands() -> None:
         db,
         demo,
         hub,
+        measure,
         overlap,
         train,
     )

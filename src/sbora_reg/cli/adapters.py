@@ -27,6 +27,11 @@ def _tags(tags: dict[str, str]) -> str:
 @click.option("--task", help="Task the adapter was trained for.")
 @click.option("--base", help="Base model: a local model directory or a registered base name.")
 @click.option("--tag", "tags", multiple=True, callback=parse_tags, help="KEY=VALUE (repeatable).")
+@click.option(
+    "--probe",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Held-out prompt/answer JSONL to store with the version (`eval`, `compose --measure`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @click.pass_context
 def add(
@@ -36,11 +41,18 @@ def add(
     task: str | None,
     base: str | None,
     tags: dict[str, str],
+    probe: Path | None,
     as_json: bool,
 ) -> None:
     """Register an adapter directory (native SBoRA or PEFT LoRA) as NAME@VERSION."""
+    if probe is not None:
+        from sbora_reg.sbora.training import load_examples
+
+        load_examples(probe)  # a bad probe file fails before anything is registered
     with open_registry(ctx) as registry:
         record = registry.add(path, name=name, task=task, base=base, tags=tags)
+        if probe is not None:
+            record = registry.set_probe(record.ref, probe)
     if as_json:
         echo_json(record.to_json())
     else:

@@ -86,6 +86,12 @@ def _render(result: ComposeResult) -> None:
     "(JSONL prompt/answer lines) for the base, the member alone, and the composition. Repeat "
     "per member.",
 )
+@click.option(
+    "--measure",
+    is_flag=True,
+    help="Score every member that has a stored probe set (like --eval with its file) and record "
+    "base / alone / composed exact match on the composition.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def compose_cmd(
@@ -100,6 +106,7 @@ def compose_cmd(
     dry_run: bool,
     force: bool,
     evals: dict[str, str],
+    measure: bool,
     as_json: bool,
 ) -> None:
     """Compose registered adapters onto BASE: checked for overlap, written atomically, recorded."""
@@ -123,7 +130,7 @@ def compose_cmd(
         result = compose(
             registry, refs, base, out, fmt, dtype=dtype, shard_size=shard_size,
             allow_overlap=allow_overlap, force=force, dry_run=dry_run, command=command,
-            progress=on_tensor, measure=evals, on_measure=on_measure,
+            progress=on_tensor, measure=evals, measure_probes=measure, on_measure=on_measure,
         )  # fmt: skip
     if as_json:
         echo_json(result.to_dict())

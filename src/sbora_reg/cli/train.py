@@ -96,6 +96,11 @@ def _main_process() -> bool:
     help="Register the adapter as NAME (consumes a matching reservation).",
 )
 @click.option("--task", help="Task to record with --register.")
+@click.option(
+    "--probe",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Held-out prompt/answer JSONL stored with --register (`eval`, `compose --measure`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def train(
@@ -118,6 +123,7 @@ def train(
     quantize: str | None,
     register_as: str | None,
     task: str | None,
+    probe: Path | None,
     as_json: bool,
 ) -> None:
     """Train an SBoRA adapter on a JSONL file; under torchrun, DDP over the processes."""
@@ -128,8 +134,8 @@ def train(
 
     if steps is not None and epochs is not None:
         raise click.UsageError("pass --steps or --epochs, not both")
-    if task is not None and register_as is None:
-        raise click.UsageError("--task is recorded with --register NAME")
+    if (task is not None or probe is not None) and register_as is None:
+        raise click.UsageError("--task and --probe are recorded with --register NAME")
     config = resolve_config(
         variant=variant, r=rank, alpha=alpha, target_modules=targets, seed=seed, indices=indices
     )
@@ -151,7 +157,7 @@ def train(
         else:
             result, record = train_and_register(
                 lambda: open_registry(ctx), register_as, base, data, out, task=task,
-                on_step=on_step, **options,
+                probe=probe, on_step=on_step, **options,
             )  # fmt: skip
     if result.rank != 0:
         return

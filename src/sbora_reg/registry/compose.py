@@ -33,7 +33,6 @@ from sbora_reg.registry.checkpoint import (
     parse_size,
     tree_sha256,
 )
-from sbora_reg.registry.hub import local_blob
 from sbora_reg.registry.manifest import (
     CARD_NAME,
     FORMATS,
@@ -43,6 +42,7 @@ from sbora_reg.registry.manifest import (
     member_ref,
     model_card,
 )
+from sbora_reg.registry.members import load_members
 from sbora_reg.registry.merge import (
     Member,
     Progress,
@@ -52,8 +52,6 @@ from sbora_reg.registry.merge import (
     write_merged_weights,
 )
 from sbora_reg.registry.overlap import Footprint, Region, compare_all
-from sbora_reg.registry.reading import detect_format
-from sbora_reg.registry.records import AdapterRecord
 from sbora_reg.registry.store import Registry
 from sbora_reg.sbora.adapter import Adapter
 from sbora_reg.sbora.fingerprint import dir_module_table, fingerprint_table
@@ -68,7 +66,7 @@ __all__ = [
     "compose_members",
     "compose_merged",
     "compose_peft",
-    "load_members",
+    "load_members",  # re-exported from registry.members
 ]
 
 if TYPE_CHECKING:
@@ -422,22 +420,6 @@ def compose_members(
 # --- through the registry ----------------------------------------------------------------
 
 
-def load_members(registry: Registry, refs: Sequence[str]) -> list[tuple[AdapterRecord, Member]]:
-    """Resolve ``name[@version]`` refs and load each adapter from its stored blob."""
-    loaded: list[tuple[AdapterRecord, Member]] = []
-    for ref in refs:
-        record = registry.resolve(ref)
-        if any(r.id == record.id for r, _ in loaded):
-            raise ConfigError(f"{record.ref} is named twice: list each member once")
-        blob = local_blob(registry, record)  # fetched from its Hub commit when not here
-        fmt = detect_format(blob)
-        adapter = Adapter.load(blob) if fmt == "sbora" else Adapter.from_peft(blob)
-        # The registry checked the adapter against its base when it was added.
-        adapter.base_fingerprint = adapter.base_fingerprint or record.base_fingerprint
-        loaded.append((record, Member(record.name, record.version, record.sha256, adapter)))
-    return loaded
-
-
 def compose(
     registry: Registry,
     refs: Sequence[str],
@@ -453,6 +435,7 @@ def compose(
     dry_run: bool = False,
     command: str | None = None,
     measure: Mapping[str, str | Path] | None = None,
+    measure_probes: bool = False,
     on_measure: Callable[[str], None] | None = None,
 ) -> ComposeResult:
     """Compose registered adapters onto ``base_dir`` and record the composition.
@@ -461,12 +444,14 @@ def compose(
     ``compose_members``. The database is written once, after the output is in place, in one
     short transaction. ``measure`` (``{member: JSONL file}``, read before anything is written)
     scores those members on the base, alone and composed into ``result.retention``
-    (``on_measure(member)`` as each starts). Each member is loaded once for all of it.
+    (``on_measure(member)`` as each starts); ``measure_probes`` adds every member's stored probe
+    set. Measurements are recorded on the composition. Each member is loaded once for all of it.
     """
     from sbora_reg.registry.retention import eval_sets
 
     loaded = load_members(registry, refs)
-    sets = eval_sets(registry, loaded, measure or {})
+    files = {r.ref: p for r, _ in loaded if (p := registry.probe_path(r))} if measure_probes else {}
+    sets = eval_sets(registry, loaded, {**files, **(measure or {})})
     for record, _ in loaded:
         if record.base_fingerprint != loaded[0][0].base_fingerprint:
             raise FingerprintMismatchError(
@@ -511,4 +496,7 @@ def compose(
 
         model = composed_model(Path(base_dir), Path(result.out), fmt)
         result.retention = measure_retention(base_dir, model, sets, on_measure)
+        with registry.write() as session:
+            row = session.get_one(models.Composition, result.composition_id)
+            row.measurements = [r.to_json() for r in result.retention]
     return result

@@ -29,23 +29,29 @@ def train_and_register(
     out_dir: str | os.PathLike[str],
     *,
     task: str | None = None,
+    probe: str | os.PathLike[str] | None = None,
     **train_options: Any,
 ) -> tuple[TrainResult, AdapterRecord | None]:
-    """``train_adapter(base_dir, data, out_dir, **train_options)``, then register ``out_dir``.
+    """``train_adapter(base_dir, data, out_dir, **train_options)``, then register ``out_dir``
+    (with ``probe``, a held-out JSONL, as its probe set).
 
     ``name`` and ``task`` are checked before training starts; the registry is opened (and
     created) only once an adapter exists, so a run that fails leaves no database behind. Under
     torchrun only rank 0 registers (the other ranks get ``None``). The adapter is recorded on
     ``base_dir`` and consumes the matching reservation it was trained on (see ``queries``).
     """
-    from sbora_reg.sbora.training import train_adapter
+    from sbora_reg.sbora.training import load_examples, train_adapter
 
     check_name(name)
     if task is not None:
         check_name(task, "task")
+    if probe is not None:
+        load_examples(probe)  # a bad probe file fails before training
     result = train_adapter(base_dir, data, out_dir, **train_options)
     if result.rank != 0:
         return result, None
     with open_registry() as registry:
         record = registry.add(Path(out_dir), name=name, task=task, base=str(base_dir))
+        if probe is not None:
+            record = registry.set_probe(record.ref, probe)
     return result, record

@@ -126,6 +126,8 @@ class Adapter(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
     provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # a blob holding probe.jsonl: held-out prompts and answers that score this version's skill
+    probe_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
 
     tags: Mapped[list[Tag]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     regions: Mapped[list[Region]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
@@ -227,6 +229,8 @@ class Composition(Base):
     tool_version: Mapped[str] = mapped_column(String(64))
     allow_overlap: Mapped[bool] = mapped_column(Boolean)
     command: Mapped[str] = mapped_column(Text)
+    # per member scored on its probe set: base / alone / composed exact match and retention
+    measurements: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     members: Mapped[list[CompositionMember]] = relationship(
         cascade="all, delete-orphan",

@@ -45,6 +45,7 @@ _ADAPTER_COLUMNS = (
     type_coerce(_A.created, Text).label("created"),
     type_coerce(_A.metadata, Text).label("metadata"),
     type_coerce(_A.provenance, Text).label("provenance"),
+    _A.probe_sha256,
 )
 
 
@@ -105,6 +106,7 @@ def fetch_records(conn: Connection, query: Select[Any]) -> list[AdapterRecord]:
             metadata=_json(metadata),
             provenance=_json(provenance),
             tags=tags.get(aid, {}),
+            probe_sha256=probe,
         )
         for (
             aid,
@@ -123,6 +125,7 @@ def fetch_records(conn: Connection, query: Select[Any]) -> list[AdapterRecord]:
             created,
             metadata,
             provenance,
+            probe,
         ) in rows
     ]
 

@@ -96,6 +96,7 @@ class AdapterRecord:
     metadata: dict[str, Any]
     provenance: dict[str, Any]
     tags: dict[str, str]
+    probe_sha256: str | None = None  # the stored probe set (held-out prompts), if any
 
     @property
     def ref(self) -> str:
@@ -120,6 +121,7 @@ class AdapterRecord:
             "metadata": dict(self.metadata),
             "provenance": dict(self.provenance),
             "tags": dict(self.tags),
+            "probe_sha256": self.probe_sha256,
         }
 
 

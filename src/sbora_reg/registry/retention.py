@@ -107,3 +107,54 @@ def eval_sets(
             )
         chosen.append((ref, members[ref].adapter, load_examples(path)))
     return chosen
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One adapter version scored on its probe set: base, alone, and a composition when given."""
+
+    member: str
+    base: SkillScore
+    alone: SkillScore
+    composed: SkillScore | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.composed is not None:
+            return RetentionRow(self.member, self.base, self.alone, self.composed).to_json()
+        return {
+            "member": self.member,
+            "examples": self.base.n,
+            "base": self.base.__dict__,
+            "alone": self.alone.__dict__,
+        }
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """``adapter``, ``peft`` or ``merged``: which kind of compose output ``path`` holds."""
+    root = Path(path)
+    if (root / "sbora_config.json").is_file():
+        return "adapter"
+    return "peft" if (root / "adapter_config.json").is_file() else "merged"
+
+
+def evaluate(registry: Any, ref: str, checkpoint: str | Path | None = None) -> EvalResult:
+    """Score version ``ref`` on its stored probe set: on its base, alone, and in ``checkpoint``
+    (a compose output: merged checkpoint, composed adapter or PEFT adapter) when given."""
+    from sbora_reg.registry.members import load_members
+
+    ((record, member),) = load_members(registry, [ref])
+    probe = registry.probe_path(record)
+    if probe is None:
+        raise ConfigError(
+            f"{record.ref} has no probe set: add one with `sbora-reg add DIR --probe FILE.jsonl` "
+            "(or `train --probe`)"
+        )
+    examples = load_examples(probe)
+    if checkpoint is None:
+        base, tokenizer = load_model(Path(record.base), torch.float32, torch.device("cpu"))
+        before = score(base, tokenizer, examples)
+        alone = score(member.adapter.apply(base), tokenizer, examples)
+        return EvalResult(record.ref, before, alone)
+    model = composed_model(Path(record.base), Path(checkpoint), checkpoint_format(checkpoint))
+    (row,) = measure_retention(record.base, model, [(record.ref, member.adapter, examples)])
+    return EvalResult(record.ref, row.base, row.alone, row.composed)

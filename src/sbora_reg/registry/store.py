@@ -60,6 +60,8 @@ from sbora_reg.registry.region_table import RegionTable
 
 log = logging.getLogger(__name__)
 
+PROBE_FILE = "probe.jsonl"
+
 
 class _BlobVanished(Exception):
     """The staged blob was removed by a concurrent ``gc`` before it was recorded."""
@@ -517,6 +519,40 @@ class Registry:
             .order_by(m.Adapter.name, m.Adapter.version)
         )
 
+    # Probe sets ----------------------------------------------------------------------------
+
+    def set_probe(self, ref: str, path: str | os.PathLike[str]) -> AdapterRecord:
+        """Store ``path`` (JSONL prompt/answer lines) as the probe set of version ``ref``.
+
+        The file is checked first (a bad one changes nothing), stored as a blob holding
+        ``probe.jsonl`` (content-addressed, shared by versions with the same set) and named on
+        the version; a later call replaces it.
+        """
+        import tempfile
+
+        from sbora_reg.sbora.training import load_examples
+
+        record = self.resolve(ref)
+        load_examples(path)  # DataError on a missing, empty or malformed file
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            copy = Path(tmp_dir) / PROBE_FILE
+            shutil.copyfile(path, copy)
+            staged, sha256, size = self.blobs.stage([copy])
+        with self.write() as session:  # gc detaches blobs under this lock too
+            self.blobs.publish(staged, sha256)
+            if session.get(m.Blob, sha256) is None:
+                session.add(m.Blob(sha256=sha256, size=size))
+            session.execute(
+                update(m.Adapter).where(m.Adapter.id == record.id).values(probe_sha256=sha256)
+            )
+        return self.by_id(record.id)
+
+    def probe_path(self, record: AdapterRecord) -> Path | None:
+        """The stored probe file of ``record`` (None when it has none)."""
+        if record.probe_sha256 is None:
+            return None
+        return self.blob_path(record.probe_sha256) / PROBE_FILE
+
     def by_id(self, adapter_id: int) -> AdapterRecord:
         """The adapter version with database id ``adapter_id``."""
         found = self._records(q.adapter_select().where(m.Adapter.id == adapter_id))
@@ -591,6 +627,11 @@ class Registry:
         detached: builtins.list[tuple[str, Path]] = []
         with self.write() as session:
             referenced = set(session.scalars(select(m.Adapter.sha256).distinct()))
+            referenced |= set(
+                session.scalars(
+                    select(m.Adapter.probe_sha256).where(m.Adapter.probe_sha256.is_not(None))
+                )
+            )
             recorded = set(session.scalars(select(m.Blob.sha256)))
             doomed = (recorded | set(self.blobs.stored())) - referenced
             for sha in sorted(doomed):
