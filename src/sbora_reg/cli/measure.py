@@ -39,3 +39,40 @@ def eval_cmd(ctx: click.Context, ref: str, checkpoint: Path | None, as_json: boo
         f"{result.base.exact:.0%} (base) -> {result.alone.exact:.0%} (alone); answer loss "
         f"{result.base.loss:.3f} -> {result.alone.loss:.3f}"
     )
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True, metavar="NAME[@V]...")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also draw it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the matrices as JSON.")
+@click.pass_context
+def interference(
+    ctx: click.Context, refs: tuple[str, ...], png: Path | None, as_json: bool
+) -> None:
+    """Crosstalk ‖ΔW_j X_i‖ / ‖ΔW_i X_i‖ of adapters on each other's probe inputs.
+
+    Row i: the activations of task i's probe set; column j: adapter j. Overall and per module
+    (--json). Disjoint regions do not make it 0: every adapter reads every task's activations.
+    """
+    from sbora_reg.registry import interference as crosstalk
+
+    with open_registry(ctx) as registry:
+        result = crosstalk.interference(registry, refs)
+    if png is not None:
+        crosstalk.plot(result, png)
+    if as_json:
+        echo_json({**result.to_json(), "png": str(png) if png else None})
+        return
+    from rich.table import Table
+
+    table = Table(
+        title="crosstalk on each task's probe inputs (row: inputs of task, column: adapter)"
+    )
+    table.add_column("task inputs")
+    for name in result.members:
+        table.add_column(name, justify="right")
+    for name, row in zip(result.members, result.overall, strict=True):
+        table.add_row(name, *("n/a" if v != v else f"{v:.3f}" for v in row))
+    console().print(table)
+    if png is not None:
+        click.echo(f"picture: {png}")
