@@ -27,6 +27,7 @@ from sbora_reg.errors import (
     NotFoundError,
     RegistryError,
 )
+from sbora_reg.registry import bases as base_rows
 from sbora_reg.registry import footprints, hub_refs, indexblob
 from sbora_reg.registry import models as m
 from sbora_reg.registry import queries as q
@@ -50,7 +51,6 @@ from sbora_reg.registry.reading import (
 from sbora_reg.registry.records import (
     AdapterDetail,
     AdapterRecord,
-    BaseModule,
     BaseRecord,
     GcResult,
     Region,
@@ -176,54 +176,17 @@ class Registry:
                 ) from None
         name = str(Path(text).expanduser().resolve())
         with self.read() as session:
-            known = session.scalar(select(m.BaseModel.id).where(m.BaseModel.name == name))
+            known = base_rows.by_name(session, name)
         if known is not None:
             return self._label_base(self._base_by_id(known), label, hub_id)
         hub_id = hub_id or hub_id_from_config(Path(name))
         table = dir_module_table(name)  # file I/O before the write transaction
-        fingerprint = fingerprint_table(table)
         with self.write() as session:
-            row = session.scalar(select(m.BaseModel).where(m.BaseModel.name == name))
-            if row is not None:
-                if row.fingerprint != fingerprint:
-                    raise RegistryError(
-                        f"base {name} is registered with another shape fingerprint "
-                        f"({row.fingerprint[:12]}, now {fingerprint[:12]}): the model changed; "
-                        "register the new one from another path"
-                    )
-                base_id = row.id
-            else:
-                self._check_label_free(session, label)
-                row = m.BaseModel(
-                    name=name, revision=revision, fingerprint=fingerprint, label=label,
-                    hub_id=hub_id,
-                )  # fmt: skip
-                session.add(row)
-                session.flush()
-                base_id = row.id
-                session.execute(
-                    insert(m.BaseModule),
-                    [
-                        {
-                            "base_id": base_id,
-                            "name": n,
-                            "kind": k,
-                            "out_features": s[0],
-                            "in_features": s[1],
-                        }
-                        for n, (k, s) in sorted(table.items())
-                    ],
-                )
+            base_id = base_rows.insert_or_check(
+                session, name, fingerprint_table(table), table,
+                revision=revision, label=label, hub_id=hub_id,
+            )  # fmt: skip
         return self._base_by_id(base_id)
-
-    def _check_label_free(self, session: Session, label: str | None, base_id: int = 0) -> None:
-        if label is None:
-            return
-        other = session.scalar(
-            select(m.BaseModel.name).where(m.BaseModel.label == label, m.BaseModel.id != base_id)
-        )
-        if other is not None:
-            raise RegistryError(f"the base name {label!r} is taken by {other}: choose another")
 
     def _label_base(self, base: BaseRecord, label: str | None, hub_id: str | None) -> BaseRecord:
         """``base`` with ``label``/``hub_id`` recorded where given and different."""
@@ -235,27 +198,16 @@ class Registry:
         if not changes:
             return base
         with self.write() as session:
-            self._check_label_free(session, changes.get("label"), base.id)
-            session.execute(update(m.BaseModel).where(m.BaseModel.id == base.id).values(**changes))
+            base_rows.set_labels(session, base.id, changes)
         return self._base_by_id(base.id)
 
     def get_base(self, name_or_fingerprint: str) -> BaseRecord:
         """A registered base by name (its local path), label, Hub id or shape fingerprint."""
-        candidates = [name_or_fingerprint]
+        paths = [name_or_fingerprint]
         if _is_local_model(name_or_fingerprint):
-            candidates.append(str(Path(name_or_fingerprint).expanduser().resolve()))
+            paths.append(str(Path(name_or_fingerprint).expanduser().resolve()))
         with self.read() as session:
-            base_id = session.scalar(
-                select(m.BaseModel.id)
-                .where(
-                    m.BaseModel.name.in_(candidates)
-                    | (m.BaseModel.label == name_or_fingerprint)
-                    | (m.BaseModel.hub_id == name_or_fingerprint)
-                    | (m.BaseModel.fingerprint == name_or_fingerprint)
-                )
-                .order_by(m.BaseModel.id)
-                .limit(1)
-            )
+            base_id = base_rows.find(session, name_or_fingerprint, paths)
         if base_id is None:
             raise NotFoundError(
                 f"no base model {name_or_fingerprint!r} in the registry: register it with "
@@ -265,25 +217,11 @@ class Registry:
 
     def bases(self) -> builtins.list[BaseRecord]:
         with self.read() as session:
-            ids = session.scalars(select(m.BaseModel.id).order_by(m.BaseModel.name)).all()
-        return [self._base_by_id(i) for i in ids]
+            return [base_rows.record(session, i) for i in base_rows.all_ids(session)]
 
     def _base_by_id(self, base_id: int) -> BaseRecord:
         with self.read() as session:
-            row = session.get_one(m.BaseModel, base_id)
-            mods = session.execute(
-                select(m.BaseModule).where(m.BaseModule.base_id == base_id)
-            ).scalars()
-            modules = {
-                mod.name: BaseModule(
-                    mod.id, mod.name, mod.kind, (mod.out_features, mod.in_features)
-                )
-                for mod in mods
-            }
-            return BaseRecord(
-                row.id, row.name, row.revision, row.fingerprint, _utc(row.created), modules,
-                label=row.label, hub_id=row.hub_id,
-            )  # fmt: skip
+            return base_rows.record(session, base_id)
 
     # Adding --------------------------------------------------------------------------------
 
