@@ -144,6 +144,12 @@ def test_probe_sets_are_stored_and_scored_by_eval_and_compose_measure(setup, tmp
     with Registry.open(db) as reg, reg.read() as session:
         comp = session.get(m.Composition, json.loads(by_probe.stdout)["composition_id"])
         assert comp.measurements == rows_probe  # recorded on the composition
+    card = (tmp_path / "p" / "README.md").read_text()  # and in the model card
+    for row in rows_probe:
+        assert (
+            f"| {row['member']} | {row['base']['exact']:.2f} | {row['alone']['exact']:.2f} |"
+            in card
+        )
     # eval: alone and in the composed checkpoint, the same numbers as compose measured
     alone = runner.invoke(main, ["--db", db, "eval", "times3", "--json"])
     assert alone.exit_code == 0, alone.output

@@ -239,14 +239,19 @@ def _check(
     return _Checked(members, base, target, fingerprint, result)
 
 
+Scorer = Callable[[Path, str], "list[RetentionRow]"]  # (staged output, format) -> rows
+
+
 def _write(
     checked: _Checked,
     force: bool,
     command: str | None,
     base_model: str | None,
     write_payload: Callable[[Path], dict[str, str]],
+    score: Scorer | None = None,
 ) -> ComposeResult:
-    """Write ``out`` atomically: the format's payload, then manifest and card; hash every file."""
+    """Write ``out`` atomically: the format's payload, then (with ``score``) the members'
+    measurements on the staged output, then manifest and card; hash every file."""
     c, result = checked, checked.result
     check_free_space(c.out, result.total_bytes)
     if result.dry_run:
@@ -257,10 +262,13 @@ def _write(
     )  # fmt: skip
     with atomic_dir(c.out, force) as tmp:
         hashes = write_payload(tmp)
+        if score is not None:
+            result.retention = score(tmp, result.format)
         text = json.dumps(manifest(c.members, result.allow_overlap, c.fingerprint), indent=2)
         (tmp / MANIFEST_NAME).write_text(text + "\n")
+        rows = [row.to_json() for row in result.retention]
         (tmp / CARD_NAME).write_text(
-            model_card(c.members, base_model or str(c.base), result.format, command)
+            model_card(c.members, base_model or str(c.base), result.format, command, rows)
         )
         for path in sorted(tmp.rglob("*")):
             name = str(path.relative_to(tmp))
@@ -284,6 +292,7 @@ def compose_merged(
     dry_run: bool = False,
     command: str | None = None,
     base_model: str | None = None,
+    score: Scorer | None = None,
 ) -> ComposeResult:
     """A merged checkpoint: the base with every member's ΔW added, streamed tensor by tensor.
 
@@ -307,7 +316,7 @@ def compose_merged(
         copy_side_files(checked.base, tmp, dtype)
         return hashes
 
-    return _write(checked, force, command, base_model, payload)
+    return _write(checked, force, command, base_model, payload, score)
 
 
 def _compose_combined(
@@ -321,6 +330,7 @@ def _compose_combined(
     dry_run: bool,
     command: str | None,
     base_model: str | None,
+    score: Scorer | None,
 ) -> ComposeResult:
     checked = _check(members, base_dir, out, fmt, None, allow_overlap, force, dry_run)
     adapter = combine(members, checked.fingerprint)
@@ -330,7 +340,7 @@ def _compose_combined(
         write_adapter(adapter, tmp)
         return {}
 
-    return _write(checked, force, command, base_model, payload)
+    return _write(checked, force, command, base_model, payload, score)
 
 
 def _write_native(adapter: Adapter, tmp: Path) -> None:
@@ -352,11 +362,12 @@ def compose_adapter(
     dry_run: bool = False,
     command: str | None = None,
     base_model: str | None = None,
+    score: Scorer | None = None,
 ) -> ComposeResult:
     """One multi-task SBoRA adapter whose ΔW is the members' sum (``merge.combine``)."""
     return _compose_combined(
         "adapter", members, base_dir, out, _write_native,
-        allow_overlap, force, dry_run, command, base_model,
+        allow_overlap, force, dry_run, command, base_model, score,
     )  # fmt: skip
 
 
@@ -370,11 +381,12 @@ def compose_peft(
     dry_run: bool = False,
     command: str | None = None,
     base_model: str | None = None,
+    score: Scorer | None = None,
 ) -> ComposeResult:
     """The combined adapter as one stock PEFT LoRA adapter (``Adapter.to_peft``)."""
     return _compose_combined(
         "peft", members, base_dir, out, _write_peft,
-        allow_overlap, force, dry_run, command, base_model,
+        allow_overlap, force, dry_run, command, base_model, score,
     )  # fmt: skip
 
 
@@ -392,6 +404,7 @@ def compose_members(
     dry_run: bool = False,
     command: str | None = None,
     base_model: str | None = None,
+    score: Scorer | None = None,
 ) -> ComposeResult:
     """``--format`` as a string (the CLI's view): the function of that format.
 
@@ -402,7 +415,7 @@ def compose_members(
         raise ConfigError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     common: dict[str, Any] = {
         "allow_overlap": allow_overlap, "force": force, "dry_run": dry_run,
-        "command": command, "base_model": base_model,
+        "command": command, "base_model": base_model, "score": score,
     }  # fmt: skip
     if fmt == "merged":
         size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
@@ -468,7 +481,7 @@ def compose(
     result = compose_members(
         members, base_dir, out_dir, fmt, dtype=dtype, shard_size=shard_size, progress=progress,
         allow_overlap=allow_overlap, force=force, dry_run=dry_run, command=command,
-        base_model=base.card_name,
+        base_model=base.card_name, score=_scorer(base_dir, sets, on_measure) if sets else None,
     )  # fmt: skip
     if result.dry_run:
         return result
@@ -481,6 +494,7 @@ def compose(
             tool_version=__version__,
             allow_overlap=result.allow_overlap,
             command=command,
+            measurements=[r.to_json() for r in result.retention] if sets else None,
         )
         row.members = [
             models.CompositionMember(
@@ -491,12 +505,19 @@ def compose(
         session.add(row)
         session.flush()
         result.composition_id = row.id
-    if sets:
+
+    return result
+
+
+def _scorer(
+    base_dir: str | Path, sets: Sequence[Any], on_measure: Callable[[str], None] | None
+) -> Scorer:
+    """Score ``sets`` on the staged output before it is finished (so the card can say)."""
+
+    def score(staged: Path, fmt: str) -> list[RetentionRow]:
         from sbora_reg.registry.retention import composed_model, measure_retention
 
-        model = composed_model(Path(base_dir), Path(result.out), fmt)
-        result.retention = measure_retention(base_dir, model, sets, on_measure)
-        with registry.write() as session:
-            row = session.get_one(models.Composition, result.composition_id)
-            row.measurements = [r.to_json() for r in result.retention]
-    return result
+        model = composed_model(Path(base_dir), staged, fmt)
+        return measure_retention(base_dir, model, sets, on_measure)
+
+    return score

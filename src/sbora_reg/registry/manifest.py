@@ -61,8 +61,15 @@ def manifest(members: Sequence[Any], allow_overlap: bool, fingerprint: str | Non
     }
 
 
-def model_card(members: Sequence[Any], base_model: str, fmt: str, command: str) -> str:
-    """README.md with YAML front matter naming the base and every member."""
+def model_card(
+    members: Sequence[Any],
+    base_model: str,
+    fmt: str,
+    command: str,
+    measurements: Sequence[dict[str, Any]] = (),
+) -> str:
+    """README.md with YAML front matter naming the base and every member, and, when members
+    were measured (``RetentionRow.to_json()`` rows), how much of each skill survived."""
     tags = ["sbora", "sbora-reg", "merge" if fmt == "merged" else "lora"]
     lines = ["---", f"base_model: {json.dumps(base_model)}", "tags:"]
     lines += [f"- {t}" for t in tags]
@@ -77,6 +84,23 @@ def model_card(members: Sequence[Any], base_model: str, fmt: str, command: str) 
     for m in members:
         v = "" if m.version is None else m.version
         lines.append(f"| {m.name} | {v} | {len(m.adapter.modules)} | `{m.sha256 or ''}` |")
+    if measurements:
+        lines += [
+            "",
+            "How much of each member's skill survived (exact match on its probe set):",
+            "",
+        ]
+        lines += [
+            "| member | base | alone | composed | kept | prompts |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in measurements:
+            kept = row["exact_retention"]
+            lines.append(
+                f"| {row['member']} | {row['base']['exact']:.2f} | {row['alone']['exact']:.2f} | "
+                f"{row['composed']['exact']:.2f} | {'n/a' if kept is None else f'{kept:.2f}'} | "
+                f"{row['examples']} |"
+            )
     lines += ["", "Regions per member: `sbora_manifest.json`.", "", "Command:", "", "```"]
     lines += [command, "```", ""]
     return "\n".join(lines)
