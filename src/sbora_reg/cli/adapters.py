@@ -45,14 +45,8 @@ def add(
     as_json: bool,
 ) -> None:
     """Register an adapter directory (native SBoRA or PEFT LoRA) as NAME@VERSION."""
-    if probe is not None:
-        from sbora_reg.sbora.training import load_examples
-
-        load_examples(probe)  # a bad probe file fails before anything is registered
     with open_registry(ctx) as registry:
-        record = registry.add(path, name=name, task=task, base=base, tags=tags)
-        if probe is not None:
-            record = registry.set_probe(record.ref, probe)
+        record = registry.add(path, name=name, task=task, base=base, tags=tags, probe=probe)
     if as_json:
         echo_json(record.to_json())
     else:

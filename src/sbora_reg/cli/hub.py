@@ -13,7 +13,9 @@ from sbora_reg.cli.common import echo_json, open_registry
 if TYPE_CHECKING:
     from sbora_reg.registry.hub import PushResult
 
-_ENDPOINT_HELP = "Hub URL [default: HF_ENDPOINT, else https://huggingface.co]."
+_endpoint = click.option(
+    "--endpoint", metavar="URL", help="Hub URL [default: HF_ENDPOINT, else https://huggingface.co]."
+)
 _timeout = click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -30,7 +32,7 @@ _timeout = click.option(
 @click.option("--repo", required=True, metavar="OWNER/NAME", help="Model repo on the Hub.")
 @click.option("--private", is_flag=True, help="Create the repo private (if it does not exist).")
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to [default: main].")
-@click.option("--endpoint", metavar="URL", help=_ENDPOINT_HELP)
+@_endpoint
 @_timeout
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
@@ -83,7 +85,7 @@ def _render_push(result: PushResult) -> None:
 @click.option("--name", help="Register as NAME [default: the repo's name].")
 @click.option("--base", help="Base model: registered base or local model directory "
               "[default: the registered base whose Hub id is the card's base_model].")  # fmt: skip
-@click.option("--endpoint", metavar="URL", help=_ENDPOINT_HELP)
+@_endpoint
 @_timeout
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context

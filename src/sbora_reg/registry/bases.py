@@ -6,7 +6,6 @@ Functions on a session of ``Registry.read()`` / ``Registry.write()``; ``Registry
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -14,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from sbora_reg.errors import RegistryError
 from sbora_reg.registry import models as m
-from sbora_reg.registry.records import BaseModule, BaseRecord
+from sbora_reg.registry.records import BaseModule, BaseRecord, as_utc
 
 
 def record(session: Session, base_id: int) -> BaseRecord:
@@ -25,9 +24,8 @@ def record(session: Session, base_id: int) -> BaseRecord:
         mod.name: BaseModule(mod.id, mod.name, mod.kind, (mod.out_features, mod.in_features))
         for mod in mods
     }
-    created = row.created if row.created.tzinfo else row.created.replace(tzinfo=UTC)
     return BaseRecord(
-        row.id, row.name, row.revision, row.fingerprint, created, modules,
+        row.id, row.name, row.revision, row.fingerprint, as_utc(row.created), modules,
         label=row.label, hub_id=row.hub_id,
     )  # fmt: skip
 

@@ -19,7 +19,6 @@ from sbora_reg.errors import AdapterFormatError
 from sbora_reg.sbora.files import TMP_MARK, ContentDigest, stale_temps
 
 _CHUNK = 1 << 20
-TMP_PREFIX = TMP_MARK
 
 
 def _copy_hashing(src: Path, dst: Path, digest: ContentDigest) -> int:
@@ -51,7 +50,7 @@ class BlobStore:
     def stage(self, files: list[Path]) -> tuple[Path, str, int]:
         """Copy ``files`` into a new temp dir; return (temp dir, content sha256, total bytes)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=self.root))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{os.getpid()}-", dir=self.root))
         try:
             digest = ContentDigest()
             size = sum(_copy_hashing(f, tmp / f.name, digest) for f in sorted(files))
@@ -84,7 +83,7 @@ class BlobStore:
     def detach(self, sha256: str) -> Path | None:
         """Atomically move a blob out of the store (to a staging name) so it can be deleted."""
         src = self.path(sha256)
-        dst = self.root / f"{TMP_PREFIX}0-gc-{sha256}"
+        dst = self.root / f"{TMP_MARK}0-gc-{sha256}"
         shutil.rmtree(dst, ignore_errors=True)  # left by a gc that was killed
         try:
             os.rename(src, dst)

@@ -5,14 +5,12 @@ Functions on a session of ``Registry.read()`` / ``Registry.write()``; no token i
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sbora_reg.errors import InternalError
 from sbora_reg.registry import models as m
-from sbora_reg.registry.records import HubRefRecord
+from sbora_reg.registry.records import HubRefRecord, as_utc
 
 
 def record(
@@ -56,7 +54,7 @@ def listed(
     key = adapter_id if adapter_id is not None else composition_id
     rows = session.scalars(select(m.HubRef).where(column == key).order_by(m.HubRef.id)).all()
     return [
-        HubRefRecord(r.direction, r.repo, r.revision, r.commit, r.endpoint, _utc(r.created))
+        HubRefRecord(r.direction, r.repo, r.revision, r.commit, r.endpoint, as_utc(r.created))
         for r in rows
     ]
 
@@ -70,7 +68,3 @@ def pulled_adapter(session: Session, repo: str, commit: str) -> int | None:
         .order_by(m.HubRef.id)
         .limit(1)
     )
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone

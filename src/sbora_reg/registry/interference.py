@@ -95,15 +95,17 @@ def crosstalk(
     names = sorted({m for _, a in adapters for m in a.modules})
     per_module = {m: [[math.nan] * n for _ in range(n)] for m in names}
     overall = [[math.nan] * n for _ in range(n)]
+    # dense ΔW (out, in) of every adapter's modules, built once for all rows
+    deltas = [{m: adapter.delta(m) for m in adapter.modules} for _, adapter in adapters]
     for i, (_, own) in enumerate(adapters):
         norms = [[0.0] * len(names) for _ in range(n)]  # ‖X_i ΔW_jᵀ‖² per j, per module
         for k, module in enumerate(names):
             x = inputs[i].get(module)
             if x is None:
                 continue
-            for j, (_, other) in enumerate(adapters):
-                if module in other.modules:
-                    norms[j][k] = float((x @ other.delta(module).T).square().sum())
+            for j in range(n):
+                if module in deltas[j]:
+                    norms[j][k] = float((x @ deltas[j][module].T).square().sum())
             if module in own.modules and norms[i][k] > 0:
                 for j in range(n):
                     per_module[module][i][j] = math.sqrt(norms[j][k] / norms[i][k])

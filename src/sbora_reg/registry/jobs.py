@@ -46,12 +46,10 @@ def train_and_register(
     if task is not None:
         check_name(task, "task")
     if probe is not None:
-        load_examples(probe)  # a bad probe file fails before training
+        load_examples(probe)  # a bad probe file fails before training, not after it
     result = train_adapter(base_dir, data, out_dir, **train_options)
     if result.rank != 0:
         return result, None
     with open_registry() as registry:
-        record = registry.add(Path(out_dir), name=name, task=task, base=str(base_dir))
-        if probe is not None:
-            record = registry.set_probe(record.ref, probe)
+        record = registry.add(Path(out_dir), name=name, task=task, base=str(base_dir), probe=probe)
     return result, record

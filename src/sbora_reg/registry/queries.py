@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from sbora_reg.errors import RegistryError
 from sbora_reg.registry import footprints, indexblob
 from sbora_reg.registry import models as m
-from sbora_reg.registry.records import AdapterRecord, Region
+from sbora_reg.registry.records import AdapterRecord, Region, as_utc
 from sbora_reg.registry.region_table import RegionTable
 
 _A = m.Adapter.__table__.c
@@ -72,8 +72,7 @@ def _json(value: Any) -> Any:
 
 
 def _timestamp(value: Any) -> datetime:
-    stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    return as_utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
 
 
 def fetch_records(conn: Connection, query: Select[Any]) -> list[AdapterRecord]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -11,6 +11,11 @@ import numpy as np
 from sbora_reg.sbora.cells import cells
 
 Shape = tuple[int, int]
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` with its time zone; SQLite hands timestamps back naive (they are UTC)."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

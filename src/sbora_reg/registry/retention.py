@@ -131,10 +131,12 @@ class EvalResult:
 
 def checkpoint_format(path: str | Path) -> str:
     """``adapter``, ``peft`` or ``merged``: which kind of compose output ``path`` holds."""
+    from sbora_reg.registry.reading import NATIVE_FILES, PEFT_FILES
+
     root = Path(path)
-    if (root / "sbora_config.json").is_file():
+    if (root / NATIVE_FILES[0]).is_file():
         return "adapter"
-    return "peft" if (root / "adapter_config.json").is_file() else "merged"
+    return "peft" if (root / PEFT_FILES[0]).is_file() else "merged"
 
 
 def evaluate(registry: Any, ref: str, checkpoint: str | Path | None = None) -> EvalResult:

@@ -15,7 +15,6 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +64,6 @@ PROBE_FILE = "probe.jsonl"
 
 class _BlobVanished(Exception):
     """The staged blob was removed by a concurrent ``gc`` before it was recorded."""
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _is_local_model(name: str) -> bool:
@@ -234,13 +229,18 @@ class Registry:
         tags: dict[str, str] | None = None,
         metadata: dict[str, Any] | None = None,
         provenance: dict[str, Any] | None = None,
+        probe: str | os.PathLike[str] | None = None,
     ) -> AdapterRecord:
         """Register the adapter directory ``path`` (native SBoRA or PEFT LoRA).
 
         Identical content already registered under ``name`` returns that version; new content
         under an existing name becomes its next version. ``base`` (a registered base, a local
-        model directory or a fingerprint) defaults to the base the adapter names.
+        model directory or a fingerprint) defaults to the base the adapter names. ``probe``
+        (prompt/answer JSONL) is checked before anything is stored and kept as the version's
+        probe set (``set_probe``).
         """
+        if probe is not None:
+            _check_probe(probe)
         src = Path(path).expanduser()
         name = check_name(name if name is not None else src.resolve().name)
         if task is not None:
@@ -259,7 +259,7 @@ class Registry:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             try:
-                return self.register(
+                record = self.register(
                     summary,
                     sha,
                     size,
@@ -270,6 +270,7 @@ class Registry:
                     metadata=metadata,
                     provenance=provenance,
                 )
+                return record if probe is None else self._store_probe(record, probe)
             except _BlobVanished:
                 log.info("blob %s was collected while adding %s; writing it again", sha, name)
         raise RegistryError(f"could not add {src}: a concurrent gc kept removing its blob; retry")
@@ -466,12 +467,13 @@ class Registry:
         ``probe.jsonl`` (content-addressed, shared by versions with the same set) and named on
         the version; a later call replaces it.
         """
+        record = self.resolve(ref)
+        _check_probe(path)
+        return self._store_probe(record, path)
+
+    def _store_probe(self, record: AdapterRecord, path: str | os.PathLike[str]) -> AdapterRecord:
         import tempfile
 
-        from sbora_reg.sbora.training import load_examples
-
-        record = self.resolve(ref)
-        load_examples(path)  # DataError on a missing, empty or malformed file
         with tempfile.TemporaryDirectory() as tmp_dir:
             copy = Path(tmp_dir) / PROBE_FILE
             shutil.copyfile(path, copy)
@@ -586,6 +588,13 @@ class Registry:
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return GcResult(sorted(doomed), freed, len(stale))
+
+
+def _check_probe(path: str | os.PathLike[str]) -> None:
+    """``DataError`` for a missing, empty or malformed probe file."""
+    from sbora_reg.sbora.training import load_examples
+
+    load_examples(path)
 
 
 def _region_row(module_id: int, mod: Any) -> dict[str, Any]:
