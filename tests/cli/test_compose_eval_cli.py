@@ -171,3 +171,85 @@ def test_probe_sets_are_stored_and_scored_by_eval_and_compose_measure(setup, tmp
         assert [r.ref for r in reg.list()] == ["times3@1", "times7@1"]
         make = reg.resolve("times7")
     assert make.probe_sha256
+
+
+def test_calibrate_lsq_reads_probe_sets_keeps_regions_and_measures_held_out_rows(
+    setup, tmp_path, tiny_lm_dir
+):
+    """compose --calibrate lsq: factors re-solved on the members' own regions (audit clean, the
+    merged and adapter outputs agree), the manifest says how, and --measure / eval score only
+    the probe rows calibration did not read."""
+    from safetensors.torch import load_file
+
+    from sbora_reg.registry.manifest import MANIFEST_NAME
+    from sbora_reg.sbora.calibrate import capture_moments, objective, region_columns
+
+    db, a, b, d3, d7 = setup
+    runner = CliRunner()
+    common = ["--db", db, "compose", "times3", "times7", "--base", str(tiny_lm_dir)]
+    # no probe sets: lsq is refused before anything is written; auto says why it did not
+    res = runner.invoke(main, [*common, "--out", str(tmp_path / "x"), "--calibrate", "lsq"])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "probe" in res.output
+    assert not (tmp_path / "x").exists()
+    res = runner.invoke(main, [*common, "--out", str(tmp_path / "x"), "--calibrate", "auto"])
+    assert res.exit_code == 0 and "Not calibrated: no probe set" in res.output, res.output
+    with Registry.open(db) as reg:
+        reg.set_probe("times3", d3)
+        reg.set_probe("times7", d7)
+
+    outs = {}
+    for fmt in ("merged", "adapter"):
+        outs[fmt] = tmp_path / f"cal-{fmt}"
+        res = runner.invoke(main, [*common, "--out", str(outs[fmt]), "--format", fmt,
+                                   "--calibrate", "lsq", "--measure", "--json"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.stdout)
+        assert got["calibration"]["method"] == "lsq"
+        assert got["calibration"]["rows"] == {"times3@1": 6, "times7@1": 6}  # even rows of 12
+        assert [r["examples"] for r in got["retention"]] == [6, 6]  # the odd rows
+        manifest = json.loads((outs[fmt] / MANIFEST_NAME).read_text())
+        assert manifest["calibration"] == got["calibration"]
+        assert "Calibrated (`lsq`)" in (outs[fmt] / "README.md").read_text()
+
+    # the composed adapter: same regions as the members, other factors than their plain sum
+    composed = sbora.Adapter.load(outs["adapter"])
+    members = [sbora.Adapter.load(a), sbora.Adapter.load(b)]
+    for name, module in composed.modules.items():
+        owner = next(m for m in members if name in m.modules)
+        assert torch.equal(module.indices, owner.modules[name].indices)
+    assert any(
+        not torch.allclose(composed.delta(n), next(m for m in members if n in m.modules).delta(n))
+        for n in composed.modules
+    )
+    # the merged checkpoint is the base plus exactly that adapter's ΔW (the one merge path), and
+    # every weight outside the regions is bit-identical to the base
+    base_w = load_file(tiny_lm_dir / "model.safetensors")
+    merged_w = load_file(outs["merged"] / "model.safetensors")
+    for key, w0 in base_w.items():
+        module = key.removesuffix(".weight")
+        if module in composed.modules:
+            assert torch.equal(merged_w[key], w0 + composed.delta(module))
+        else:
+            assert torch.equal(merged_w[key], w0), key
+    audit = runner.invoke(main, ["--db", db, "audit", str(outs["merged"]), "--base",
+                                 str(tiny_lm_dir)])  # fmt: skip
+    assert audit.exit_code == 0, audit.output
+
+    # calibration lowers its objective on the calibration rows, module by module
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    cols = region_columns(members)
+    rows = [[(r["prompt"], r["answer"]) for r in map(json.loads, p.read_text().splitlines())][0::2]
+            for p in (d3, d7)]  # fmt: skip
+    moments = [capture_moments(model, tok, r, cols) for r in rows]
+    solved = [
+        sbora.Adapter(m.config, {n: composed.modules[n] for n in m.modules}) for m in members
+    ]
+    for name in cols:
+        assert objective(solved, moments, name, members) <= objective(members, moments, name)
+
+    # eval of the calibrated checkpoint: the held-out rows, the numbers compose measured
+    res = runner.invoke(main, ["--db", db, "eval", "times3", "--checkpoint", str(outs["merged"]),
+                               "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["examples"] == 6

@@ -44,6 +44,12 @@ def _render(result: ComposeResult) -> None:
         )
         click.echo(f"Wrote {result.out} ({result.format}, {size}{changed})")
         click.echo(f"sha256 {result.output_sha256}  composition #{result.composition_id}")
+    calibration = result.calibration or {}
+    if calibration.get("method", "none") != "none":
+        rows = sum(calibration.get("rows", {}).values())
+        click.echo(f"Calibrated ({calibration['method']}) on {rows} probe rows of the members.")
+    elif calibration.get("reason"):
+        click.echo(f"Not calibrated: {calibration['reason']}.")
     if result.overlap_cells:
         click.echo(f"Overlap: {result.overlap_cells} shared cells; their deltas were summed.")
 
@@ -92,6 +98,16 @@ def _render(result: ComposeResult) -> None:
     help="Score every member that has a stored probe set (like --eval with its file) and record "
     "base / alone / composed exact match on the composition.",
 )
+@click.option(
+    "--calibrate",
+    type=click.Choice(["auto", "lsq", "none"]),
+    default="none",
+    show_default=True,
+    help="lsq: before merging, re-solve each member's factors on its own region so that the sum "
+    "does on every member's probe inputs what that member alone does there (least squares on "
+    "the base's activations; regions never change). auto: lsq when every member has a probe "
+    "set. none: the plain sum of deltas.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def compose_cmd(
@@ -107,6 +123,7 @@ def compose_cmd(
     force: bool,
     evals: dict[str, str],
     measure: bool,
+    calibrate: str,
     as_json: bool,
 ) -> None:
     """Compose registered adapters onto BASE: checked for overlap, written atomically, recorded."""
@@ -127,10 +144,15 @@ def compose_cmd(
             bar.update(task, visible=False)
             err.print(f"Measuring {member}: base, alone, composed ...")
 
+        def on_calibrate(member: str) -> None:
+            bar.update(task, visible=False)
+            err.print(f"Calibrating: reading {member}'s probe inputs ...")
+
         result = compose(
             registry, refs, base, out, fmt, dtype=dtype, shard_size=shard_size,
             allow_overlap=allow_overlap, force=force, dry_run=dry_run, command=command,
             progress=on_tensor, measure=evals, measure_probes=measure, on_measure=on_measure,
+            calibrate=calibrate, on_calibrate=on_calibrate,
         )  # fmt: skip
     if as_json:
         echo_json(result.to_dict())

@@ -95,6 +95,7 @@ class ComposeResult:
     output_sha256: str | None = None
     composition_id: int | None = None
     retention: list[RetentionRow] = field(default_factory=list)  # with ``measure``
+    calibration: dict[str, Any] | None = None  # ``Calibration.to_json()`` when compose chose one
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "retention": [row.to_json() for row in self.retention]}
@@ -212,6 +213,7 @@ def _check(
     allow_overlap: bool,
     force: bool,
     dry_run: bool,
+    calibration: dict[str, Any] | None = None,
 ) -> _Checked:
     if not members:
         raise ConfigError("nothing to compose: name at least one adapter")
@@ -235,6 +237,7 @@ def _check(
         overlap_cells=cells,
         dtype=dtype,
         dry_run=dry_run,
+        calibration=calibration,
     )
     return _Checked(members, base, target, fingerprint, result)
 
@@ -264,12 +267,17 @@ def _write(
         hashes = write_payload(tmp)
         if score is not None:
             result.retention = score(tmp, result.format)
-        text = json.dumps(manifest(c.members, result.allow_overlap, c.fingerprint), indent=2)
+        text = json.dumps(
+            manifest(c.members, result.allow_overlap, c.fingerprint, result.calibration), indent=2
+        )
         (tmp / MANIFEST_NAME).write_text(text + "\n")
         rows = [row.to_json() for row in result.retention]
         (tmp / CARD_NAME).write_text(
-            model_card(c.members, base_model or str(c.base), result.format, command, rows)
-        )
+            model_card(
+                c.members, base_model or str(c.base), result.format, command, rows,
+                result.calibration,
+            )
+        )  # fmt: skip
         for path in sorted(tmp.rglob("*")):
             name = str(path.relative_to(tmp))
             if path.is_file() and name not in hashes:  # shards were hashed as written
@@ -293,6 +301,7 @@ def compose_merged(
     command: str | None = None,
     base_model: str | None = None,
     score: Scorer | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> ComposeResult:
     """A merged checkpoint: the base with every member's ΔW added, streamed tensor by tensor.
 
@@ -303,7 +312,9 @@ def compose_merged(
     if dtype is not None and dtype not in OUT_DTYPE_NAMES:
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(OUT_DTYPE_NAMES)}")
     size = parse_size(shard_size)
-    checked = _check(members, base_dir, out, "merged", dtype, allow_overlap, force, dry_run)
+    checked = _check(
+        members, base_dir, out, "merged", dtype, allow_overlap, force, dry_run, calibration
+    )
     ckpt = open_checkpoint(checked.base)
     touched = touched_tensors(ckpt, members)
     target = getattr(torch, dtype) if dtype else None  # one of OUT_DTYPE_NAMES
@@ -331,8 +342,9 @@ def _compose_combined(
     command: str | None,
     base_model: str | None,
     score: Scorer | None,
+    calibration: dict[str, Any] | None,
 ) -> ComposeResult:
-    checked = _check(members, base_dir, out, fmt, None, allow_overlap, force, dry_run)
+    checked = _check(members, base_dir, out, fmt, None, allow_overlap, force, dry_run, calibration)
     adapter = combine(members, checked.fingerprint)
     checked.result.total_bytes = sum(len(b) for b in adapter.file_bytes().values())
 
@@ -363,11 +375,12 @@ def compose_adapter(
     command: str | None = None,
     base_model: str | None = None,
     score: Scorer | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> ComposeResult:
     """One multi-task SBoRA adapter whose ΔW is the members' sum (``merge.combine``)."""
     return _compose_combined(
         "adapter", members, base_dir, out, _write_native,
-        allow_overlap, force, dry_run, command, base_model, score,
+        allow_overlap, force, dry_run, command, base_model, score, calibration,
     )  # fmt: skip
 
 
@@ -382,11 +395,12 @@ def compose_peft(
     command: str | None = None,
     base_model: str | None = None,
     score: Scorer | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> ComposeResult:
     """The combined adapter as one stock PEFT LoRA adapter (``Adapter.to_peft``)."""
     return _compose_combined(
         "peft", members, base_dir, out, _write_peft,
-        allow_overlap, force, dry_run, command, base_model, score,
+        allow_overlap, force, dry_run, command, base_model, score, calibration,
     )  # fmt: skip
 
 
@@ -405,6 +419,7 @@ def compose_members(
     command: str | None = None,
     base_model: str | None = None,
     score: Scorer | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> ComposeResult:
     """``--format`` as a string (the CLI's view): the function of that format.
 
@@ -416,6 +431,7 @@ def compose_members(
     common: dict[str, Any] = {
         "allow_overlap": allow_overlap, "force": force, "dry_run": dry_run,
         "command": command, "base_model": base_model, "score": score,
+        "calibration": calibration,
     }  # fmt: skip
     if fmt == "merged":
         size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
@@ -450,38 +466,52 @@ def compose(
     measure: Mapping[str, str | Path] | None = None,
     measure_probes: bool = False,
     on_measure: Callable[[str], None] | None = None,
+    calibrate: str = "none",
+    on_calibrate: Callable[[str], None] | None = None,
 ) -> ComposeResult:
     """Compose registered adapters onto ``base_dir`` and record the composition.
 
     ``refs`` are ``name`` (latest version) or ``name@version``; the options are those of
     ``compose_members``. The database is written once, after the output is in place, in one
-    short transaction. ``measure`` (``{member: JSONL file}``, read before anything is written)
-    scores those members on the base, alone and composed into ``result.retention``
-    (``on_measure(member)`` as each starts); ``measure_probes`` adds every member's stored probe
-    set. Measurements are recorded on the composition. Each member is loaded once for all of it.
+    short transaction. ``calibrate`` (``none``, ``lsq`` or ``auto``: ``lsq`` when every member
+    has a probe set; ``registry.calibration``) re-solves the members' factors on their probe
+    sets before merging (``on_calibrate(member)`` as each set is read); regions never change.
+    ``measure`` (``{member: JSONL file}``, read before anything is written) scores those members
+    on the base, alone and composed into ``result.retention`` (``on_measure(member)`` as each
+    starts); ``measure_probes`` adds every member's stored probe set (its held-out rows when
+    calibrated). Measurements are recorded on the composition. Each member is loaded once.
     """
+    from sbora_reg.registry.calibration import calibrate_members, choose, held_out
     from sbora_reg.registry.retention import eval_sets
 
     loaded = load_members(registry, refs)
-    files = {r.ref: p for r, _ in loaded if (p := registry.probe_path(r))} if measure_probes else {}
-    sets = eval_sets(registry, loaded, {**files, **(measure or {})})
     for record, _ in loaded:
         if record.base_fingerprint != loaded[0][0].base_fingerprint:
             raise FingerprintMismatchError(
                 f"{loaded[0][0].ref} and {record.ref} are registered on different base models: "
                 "compose members of one base only"
             )
-    members = [m for _, m in loaded]
+    chosen = choose(registry, [r for r, _ in loaded], calibrate, allow_overlap)
+    files = {r.ref: p for r, _ in loaded if (p := registry.probe_path(r))} if measure_probes else {}
+    sets = eval_sets(registry, loaded, {**files, **(measure or {})})
+    if chosen.applied:  # probe sets are measured on the rows calibration does not read
+        explicit = {registry.resolve(key).ref for key in measure or {}}
+        sets = [(ref, a, rows if ref in explicit else held_out(rows)) for ref, a, rows in sets]
     base = registry.get_base(loaded[0][0].base)
     if command is None:
         command = equivalent_command(
-            members, Path(base_dir), Path(out_dir).absolute(), fmt, dtype=dtype,
-            allow_overlap=allow_overlap,
+            [m for _, m in loaded], Path(base_dir), Path(out_dir).absolute(), fmt, dtype=dtype,
+            allow_overlap=allow_overlap, calibrate=None if calibrate == "none" else calibrate,
         )  # fmt: skip
+    if dry_run:
+        members, calibration = [m for _, m in loaded], chosen
+    else:
+        members, calibration = calibrate_members(registry, loaded, base_dir, chosen, on_calibrate)
     result = compose_members(
         members, base_dir, out_dir, fmt, dtype=dtype, shard_size=shard_size, progress=progress,
         allow_overlap=allow_overlap, force=force, dry_run=dry_run, command=command,
         base_model=base.card_name, score=_scorer(base_dir, sets, on_measure) if sets else None,
+        calibration=calibration.to_json() if calibration.applied or calibration.reason else None,
     )  # fmt: skip
     if result.dry_run:
         return result

@@ -24,8 +24,8 @@ from torch import nn
 
 from sbora_reg.errors import ConfigError
 from sbora_reg.registry.members import load_members
-from sbora_reg.sbora.scoring import batches
-from sbora_reg.sbora.training import encode, load_examples, load_model
+from sbora_reg.sbora.activations import module_inputs
+from sbora_reg.sbora.training import load_examples, load_model
 
 if TYPE_CHECKING:
     from sbora_reg.registry.store import Registry
@@ -62,28 +62,13 @@ def _capture_inputs(
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     counts = dict.fromkeys(modules, 0)
 
-    def hook(name: str) -> Any:
-        def grab(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            if counts[name] >= MAX_ROWS:
-                return
-            rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            rows = rows[: MAX_ROWS - counts[name]]
+    def keep(name: str, rows: torch.Tensor) -> None:
+        rows = rows[: MAX_ROWS - counts[name]]
+        if rows.shape[0]:
             seen[name].append(rows)
             counts[name] += rows.shape[0]
 
-        return grab
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in modules]
-    try:
-        device = next(model.parameters()).device
-        model.eval()
-        with torch.no_grad():
-            for batch in batches(examples, 16):
-                enc = encode(tokenizer, batch, device)
-                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    finally:
-        for handle in handles:
-            handle.remove()
+    module_inputs(model, tokenizer, examples, modules, keep)
     return {name: torch.cat(parts) for name, parts in seen.items() if parts}
 
 

@@ -32,8 +32,14 @@ def member_ref(member: Any) -> str:
     return member.name if member.version is None else f"{member.name}@{member.version}"
 
 
-def manifest(members: Sequence[Any], allow_overlap: bool, fingerprint: str | None) -> dict:
-    """``sbora_manifest.json``: members and the regions they declare (read by ``audit``)."""
+def manifest(
+    members: Sequence[Any],
+    allow_overlap: bool,
+    fingerprint: str | None,
+    calibration: dict[str, Any] | None = None,
+) -> dict:
+    """``sbora_manifest.json``: members and the regions they declare (read by ``audit``), and
+    how their factors were calibrated when they were (``registry.calibration``)."""
     from sbora_reg.registry.ranges import format_ranges
 
     rows = []
@@ -51,7 +57,7 @@ def manifest(members: Sequence[Any], allow_overlap: bool, fingerprint: str | Non
             {"name": member.name, "version": member.version, "sha256": member.sha256,
              "regions": regions}
         )  # fmt: skip
-    return {
+    out = {
         "format": MANIFEST_FORMAT,
         "format_version": 1,
         "tool_version": __version__,
@@ -59,6 +65,20 @@ def manifest(members: Sequence[Any], allow_overlap: bool, fingerprint: str | Non
         "allow_overlap": allow_overlap,
         "members": rows,
     }
+    if calibration is not None:
+        out["calibration"] = calibration
+    return out
+
+
+def read_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The ``calibration`` entry of a compose output's manifest (None when there is none)."""
+    path = Path(checkpoint) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{path} is not a readable sbora manifest: {exc}") from None
+    found = data.get("calibration") if isinstance(data, dict) else None
+    return found if isinstance(found, dict) else None
 
 
 def model_card(
@@ -67,9 +87,11 @@ def model_card(
     fmt: str,
     command: str,
     measurements: Sequence[dict[str, Any]] = (),
+    calibration: dict[str, Any] | None = None,
 ) -> str:
-    """README.md with YAML front matter naming the base and every member, and, when members
-    were measured (``RetentionRow.to_json()`` rows), how much of each skill survived."""
+    """README.md with YAML front matter naming the base and every member, how they were
+    calibrated, and, when members were measured (``RetentionRow.to_json()`` rows), how much of
+    each skill survived."""
     tags = ["sbora", "sbora-reg", "merge" if fmt == "merged" else "lora"]
     lines = ["---", f"base_model: {json.dumps(base_model)}", "tags:"]
     lines += [f"- {t}" for t in tags]
@@ -84,10 +106,22 @@ def model_card(
     for m in members:
         v = "" if m.version is None else m.version
         lines.append(f"| {m.name} | {v} | {len(m.adapter.modules)} | `{m.sha256 or ''}` |")
+    applied = calibration is not None and calibration.get("method", "none") != "none"
+    if calibration is not None:
+        lines += [""]
+        if applied:
+            lines.append(
+                f"Calibrated (`{calibration['method']}`): each member's factors re-solved on its "
+                "region so that the sum reproduces every member's own update on all members' "
+                "probe inputs (even probe rows; the odd rows are held out)."
+            )
+        else:
+            lines.append(f"Not calibrated: {calibration.get('reason') or 'asked for none'}.")
     if measurements:
+        where = "; probe sets: the rows calibration did not read" if applied else ""
         lines += [
             "",
-            "How much of each member's skill survived (exact match on its probe set):",
+            f"How much of each member's skill survived (exact match{where}):",
             "",
         ]
         lines += [

@@ -141,7 +141,8 @@ def checkpoint_format(path: str | Path) -> str:
 
 def evaluate(registry: Any, ref: str, checkpoint: str | Path | None = None) -> EvalResult:
     """Score version ``ref`` on its stored probe set: on its base, alone, and in ``checkpoint``
-    (a compose output: merged checkpoint, composed adapter or PEFT adapter) when given."""
+    (a compose output: merged checkpoint, composed adapter or PEFT adapter) when given. In a
+    checkpoint calibrated on that probe set, only the rows calibration did not read count."""
     from sbora_reg.registry.members import load_members
 
     ((record, member),) = load_members(registry, [ref])
@@ -152,6 +153,15 @@ def evaluate(registry: Any, ref: str, checkpoint: str | Path | None = None) -> E
             "(or `train --probe`)"
         )
     examples = load_examples(probe)
+    if checkpoint is not None:
+        from sbora_reg.registry.calibration import held_out
+        from sbora_reg.registry.manifest import read_calibration
+
+        calibration = read_calibration(checkpoint) or {}
+        if calibration.get("method", "none") != "none" and record.ref in calibration.get(
+            "probes", {}
+        ):
+            examples = held_out(examples)  # the calibration read the others
     if checkpoint is None:
         base, tokenizer = load_model(Path(record.base), torch.float32, torch.device("cpu"))
         before = score(base, tokenizer, examples)

@@ -1,0 +1,169 @@
+"""Compose-time calibration: re-solve the members' trained factors so that their sum does, on
+every member's inputs, what that member alone did there.
+
+Disjoint regions keep weights apart, not skills: on task i's inputs ``x_i`` a composition adds
+``Σ_j ΔW_j x_i``, not ``ΔW_i x_i``. Per module, with ``G_i = E[x_i x_iᵀ]`` the second moment of
+task i's inputs (over its probe set's tokens, read by the base) and each task weighted equally,
+``lsq`` solves the least-squares problem
+
+    min over the members' factors   Σ_i E‖ Σ_j ΔW'_j x_i − ΔW_i x_i ‖²
+
+with every member kept on its own region, in closed form (RegMean restricted to the regions):
+
+- FA (member j owns columns ``idx_j``; ``ΔW_j x = s_j B_j x[idx_j]``): stacking the members'
+  columns ``c = ∪ idx_j``, ``[s_1 B'_1 … s_k B'_k] (Σ_i G_i[c,c]) = Σ_i s_i B_i G_i[idx_i, c]``;
+  one member's columns may cancel what another writes into a task.
+- FB (member j owns rows ``idx_j``; ``ΔW_j x = s_j E_j A_j x``): rows are not shared, so each
+  member alone: ``A'_j (Σ_i G_i) = A_j G_j``.
+
+With one member the factors come back unchanged; with tasks whose inputs never reach each
+other's regions, unchanged up to rounding. A tiny ridge (``RIDGE`` of the mean diagonal, solved
+in float64) keeps the solve defined where the probe tokens span fewer directions than the
+region has; directions no probe token visits get no update.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sbora_reg.errors import ConfigError
+from sbora_reg.sbora.activations import module_inputs
+from sbora_reg.sbora.adapter import Adapter, AdapterModule
+
+METHODS = ("none", "lsq")
+RIDGE = 1e-8
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Second moment of one task's inputs to one module, on ``columns`` (None: all of them)."""
+
+    columns: torch.Tensor | None  # sorted int64 input indices, or None for every input
+    gram: torch.Tensor  # (c, c) float64, E[x[c] x[c]ᵀ] over the task's tokens
+    tokens: int
+
+
+def region_columns(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor | None]:
+    """Per module, the input columns calibration needs: the union of the FA members' indices,
+    or None (every column) where an FB member reads the whole input."""
+    need: dict[str, list[AdapterModule]] = {}
+    for adapter in adapters:
+        for name, module in adapter.modules.items():
+            need.setdefault(name, []).append(module)
+    out: dict[str, torch.Tensor | None] = {}
+    for name, mods in need.items():
+        variants = {m.variant for m in mods}
+        if variants not in ({"fa"}, {"fb"}):
+            raise ConfigError(
+                f"module {name} mixes {', '.join(sorted(variants))} members: calibration solves "
+                "SBoRA members of one variant per module"
+            )
+        if variants == {"fa"}:
+            out[name] = torch.unique(torch.cat([_indices(m) for m in mods]))
+        else:
+            out[name] = None
+    return out
+
+
+def capture_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    columns: Mapping[str, torch.Tensor | None],
+) -> dict[str, Moments]:
+    """``Moments`` of the inputs every module in ``columns`` receives on ``examples``."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, rows: torch.Tensor) -> None:
+        cols = columns[name]
+        x = (rows if cols is None else rows[:, cols]).double()
+        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+
+    tokens = module_inputs(model, tokenizer, examples, sorted(columns), accumulate)
+    if tokens == 0:
+        raise ConfigError("calibration read no tokens: the probe set is empty")
+    return {name: Moments(columns[name], gram / tokens, tokens) for name, gram in sums.items()}
+
+
+def calibrate(
+    adapters: Sequence[Adapter], moments: Sequence[Mapping[str, Moments]]
+) -> list[Adapter]:
+    """The members with their factors re-solved by ``lsq`` (see the module docstring).
+
+    ``moments[i]`` are task i's (``capture_moments`` with ``region_columns(adapters)``). Indices,
+    scales, configs and everything else stay as they were; the inputs are not modified.
+    """
+    if len(adapters) != len(moments):
+        raise ConfigError("calibration needs the inputs of every member's task")
+    columns = region_columns(adapters)
+    out = [copy.deepcopy(a) for a in adapters]
+    if len(adapters) < 2:
+        return out  # one task: its own update is already exact
+    for name, cols in sorted(columns.items()):
+        owners = [j for j, a in enumerate(adapters) if name in a.modules]
+        if any(name not in m for m in moments):
+            raise ConfigError(f"calibration has no inputs of module {name} for every task")
+        grams = [m[name].gram for m in moments]
+        total = _ridged(sum(grams[1:], grams[0].clone()))
+        if cols is None:  # FB: A'_j (Σ G) = A_j G_j, member by member
+            for j in owners:
+                a = _factor(adapters[j].modules[name])
+                solved = torch.linalg.solve(total, grams[j] @ a.T.double()).T  # Σ G symmetric
+                out[j].modules[name].a = solved.to(a.dtype).contiguous()
+            continue
+        # FA: [s_1 B'_1 … s_k B'_k] (Σ G) = Σ_i s_i B_i G_i[idx_i, :], in the frame of cols
+        pos = {j: torch.searchsorted(cols, _indices(adapters[j].modules[name])) for j in owners}
+        rhs = sum(
+            adapters[j].modules[name].scale
+            * _factor(adapters[j].modules[name]).double()
+            @ grams[j][pos[j]]
+            for j in owners
+        )
+        assert isinstance(rhs, torch.Tensor)
+        stacked = torch.linalg.solve(total, rhs.T).T  # (out, c) = s·B' on every column
+        for j in owners:
+            module = out[j].modules[name]
+            b = _factor(adapters[j].modules[name])
+            module.b = (stacked[:, pos[j]] / module.scale).to(b.dtype).contiguous()
+    return out
+
+
+def objective(
+    adapters: Sequence[Adapter], moments: Sequence[Mapping[str, Moments]], module: str,
+    reference: Sequence[Adapter] | None = None,
+) -> float:  # fmt: skip
+    """``Σ_i E‖Σ_j ΔW_j x_i − ΔW^ref_i x_i‖²`` at one module, from the moments (dense ΔW):
+    what ``calibrate`` minimises, with ``reference`` the members before calibration."""
+    reference = adapters if reference is None else reference
+    total = 0.0
+    for i, m in enumerate(moments):
+        cols, gram = m[module].columns, m[module].gram
+        err = sum(a.delta(module).double() for a in adapters if module in a.modules)
+        if module in reference[i].modules:
+            err = err - reference[i].delta(module).double()
+        assert isinstance(err, torch.Tensor)
+        sub = err if cols is None else err[:, cols]
+        total += float(torch.trace(sub @ gram @ sub.T))
+    return total
+
+
+def _ridged(gram: torch.Tensor) -> torch.Tensor:
+    diag = torch.diagonal(gram)
+    eps = RIDGE * float(diag.mean()) if diag.numel() else 0.0
+    return gram + torch.eye(gram.shape[0], dtype=gram.dtype) * max(eps, 1e-12)
+
+
+def _indices(m: AdapterModule) -> torch.Tensor:
+    if m.indices is None:
+        raise ConfigError(f"{m.name} is a plain LoRA module: calibration needs SBoRA members")
+    return m.indices
+
+
+def _factor(m: AdapterModule) -> torch.Tensor:
+    return m.factor.detach()

@@ -1,0 +1,125 @@
+"""Compose-time calibration (``lsq``) against a dense least-squares reference.
+
+The reference solves the same problem from the raw activations, not from their moments:
+``min Σ_i (1/N_i) ‖X_i ΔWᵀ − X_i ΔW_iᵀ‖²`` over the stacked regional factors, by
+``torch.linalg.lstsq`` on the weighted rows. Tolerances: both solve in float64 from float32
+data; the ridge (1e-8 of the mean diagonal) moves the solution by about ridge × condition
+number (< 1e-6 for these well-conditioned random inputs); the factors are stored as float32
+(relative rounding 2^-24).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sbora_reg.sbora import Adapter, AdapterModule, SBoRAConfig
+from sbora_reg.sbora.activations import module_inputs
+from sbora_reg.sbora.calibrate import Moments, calibrate, capture_moments, objective, region_columns
+
+OUT, IN = 7, 12
+RTOL = 1e-5
+
+
+def _adapter(variant: str, idx: list[int], seed: int, scale: float = 0.5) -> Adapter:
+    gen = torch.Generator().manual_seed(seed)
+    r = len(idx)
+    a = torch.randn(r, IN, generator=gen) if variant == "fb" else None
+    b = torch.randn(OUT, r, generator=gen) if variant == "fa" else None
+    module = AdapterModule("m", variant, "linear", (OUT, IN), scale, torch.tensor(idx), a, b)
+    config = SBoRAConfig(variant=variant, r=r, alpha=scale * r, target_modules=("m",))
+    return Adapter(config, {"m": module})
+
+
+def _moments(xs: list[torch.Tensor], cols: torch.Tensor | None) -> list[dict[str, Moments]]:
+    out = []
+    for x in xs:
+        sub = (x if cols is None else x[:, cols]).double()
+        out.append({"m": Moments(cols, sub.T @ sub / x.shape[0], x.shape[0])})
+    return out
+
+
+def _reference(adapters: list[Adapter], xs: list[torch.Tensor]) -> torch.Tensor:
+    """The summed ΔW (out, in) of the calibrated members, solved densely on the raw rows."""
+    variant = adapters[0].modules["m"].variant
+    rows, targets = [], []
+    for i, x in enumerate(xs):
+        w = x.shape[0] ** -0.5
+        rows.append(w * x.double())
+        targets.append(w * x.double() @ adapters[i].delta("m").double().T)
+    x_all, y_all = torch.cat(rows), torch.cat(targets)
+    if variant == "fa":  # ΔW = S on the union of columns
+        cols = torch.unique(torch.cat([a.modules["m"].indices for a in adapters]))
+        s = torch.linalg.lstsq(x_all[:, cols], y_all).solution.T  # (out, c)
+        full = torch.zeros(OUT, IN, dtype=torch.float64)
+        full[:, cols] = s
+        return full
+    full = torch.zeros(OUT, IN, dtype=torch.float64)  # FB: each member's rows on their own
+    for a in adapters:
+        idx = a.modules["m"].indices
+        full[idx] = torch.linalg.lstsq(x_all, y_all[:, idx]).solution.T
+    return full
+
+
+def _inputs(seed: int, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # tasks that share a common direction (the mean) and differ elsewhere, as activations do
+    common = torch.randn(IN, generator=gen)
+    return [torch.randn(n, IN, generator=gen) + 2 * common for n in sizes]
+
+
+def test_fa_calibration_is_the_dense_least_squares_solution() -> None:
+    members = [_adapter("fa", [0, 3, 4], 1), _adapter("fa", [1, 7], 2, 2.0),
+               _adapter("fa", [9, 10, 11, 5], 3)]  # fmt: skip
+    xs = _inputs(4, (40, 25, 60))
+    moments = _moments(xs, region_columns(members)["m"])
+    solved = calibrate(members, moments)
+    total = sum(a.delta("m").double() for a in solved)
+    want = _reference(members, xs)
+    assert torch.allclose(total, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
+    # regions, scales and the inputs themselves are untouched
+    for before, after in zip(members, solved, strict=True):
+        assert torch.equal(before.modules["m"].indices, after.modules["m"].indices)
+        assert before.modules["m"].scale == after.modules["m"].scale
+        assert after.modules["m"].b.dtype == torch.float32
+    assert not torch.equal(members[0].modules["m"].b, solved[0].modules["m"].b)
+    # it is a minimum: lower than the plain sum, which has crosstalk here
+    assert objective(solved, moments, "m", members) < 0.9 * objective(members, moments, "m")
+
+
+def test_fb_calibration_is_the_dense_least_squares_solution() -> None:
+    members = [_adapter("fb", [0, 2], 5), _adapter("fb", [3, 4, 6], 6, 1.5)]
+    xs = _inputs(7, (50, 30))
+    solved = calibrate(members, _moments(xs, None))
+    total = sum(a.delta("m").double() for a in solved)
+    want = _reference(members, xs)
+    assert torch.allclose(total, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
+
+
+def test_nothing_changes_without_crosstalk_or_with_one_member() -> None:
+    members = [_adapter("fa", [0, 1, 2], 1), _adapter("fa", [6, 7], 2)]
+    xs = _inputs(8, (30, 30))
+    xs[0][:, [6, 7]] = 0  # task 0 never reaches member 1's columns and vice versa
+    xs[1][:, [0, 1, 2]] = 0
+    solved = calibrate(members, _moments(xs, region_columns(members)["m"]))
+    for before, after in zip(members, solved, strict=True):
+        b0, b1 = before.modules["m"].b, after.modules["m"].b
+        assert torch.allclose(b1, b0, rtol=RTOL, atol=RTOL * float(b0.abs().max()))
+    (alone,) = calibrate(members[:1], _moments(xs[:1], region_columns(members[:1])["m"]))
+    assert torch.equal(alone.modules["m"].b, members[0].modules["m"].b)
+
+
+def test_capture_moments_reads_real_tokens_only(tiny_lm_dir) -> None:
+    """Moments over a padded batch equal those of the examples read one by one (no padding)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    examples = [("1+1=", "2"), ("12+30=", "42"), ("7+8=", "15")]
+    name = "model.layers.0.mlp.up_proj"
+    cols = torch.tensor([1, 5, 6])
+    got = capture_moments(model, tokenizer, examples, {name: cols})[name]
+    rows: list[torch.Tensor] = []
+    for ex in examples:
+        module_inputs(model, tokenizer, [ex], [name], lambda _n, r: rows.append(r))
+    x = torch.cat(rows)[:, cols].double()
+    assert got.tokens == x.shape[0]
+    assert torch.allclose(got.gram, x.T @ x / x.shape[0], rtol=1e-6, atol=1e-9)
