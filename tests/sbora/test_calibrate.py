@@ -123,3 +123,66 @@ def test_capture_moments_reads_real_tokens_only(tiny_lm_dir) -> None:
     x = torch.cat(rows)[:, cols].double()
     assert got.tokens == x.shape[0]
     assert torch.allclose(got.gram, x.T @ x / x.shape[0], rtol=1e-6, atol=1e-9)
+
+
+def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
+    tiny_lm_dir,
+) -> None:
+    """tune: KL(member alone ‖ composed) on the tasks' answer tokens goes down; indices, scales
+    and the base model stay as they were."""
+    from sbora_reg.sbora import inject, sbora_layers, unload
+    from sbora_reg.sbora.adapter import stack_modules
+    from sbora_reg.sbora.calibrate import _answer_logprobs, tune
+    from sbora_reg.sbora.model import apply_adapter, extract
+    from sbora_reg.sbora.training import encode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    members = []
+    for seed, idx in ((1, [0, 1, 2, 3]), (2, [8, 9, 10, 11])):
+        cfg = SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=("q_proj", "up_proj"))
+        inject(model, cfg, indices={n: idx for n in _targets(model)})
+        gen = torch.Generator().manual_seed(seed)
+        adapter = extract(model)
+        for module in adapter.modules.values():
+            module.b = 0.3 * torch.randn(module.b.shape, generator=gen)
+        unload(model)
+        members.append(adapter)
+    sets = [
+        [(f"{i}+{i}=", str(2 * i)) for i in range(6)],
+        [(f"{i}*3=", str(3 * i)) for i in range(6)],
+    ]
+
+    def gap(adapters: list[Adapter]) -> float:
+        total = 0.0
+        for i, rows in enumerate(sets):
+            with torch.no_grad():
+                enc = encode(tokenizer, rows, torch.device("cpu"))
+                apply_adapter(model, members[i])
+                teacher = _answer_logprobs(model, enc)
+                unload(model)
+                names = sorted({n for a in adapters for n in a.modules})
+                stacked = Adapter(adapters[0].config, {
+                    n: stack_modules(n, [a.modules[n] for a in adapters if n in a.modules])
+                    for n in names
+                })  # fmt: skip
+                apply_adapter(model, stacked)
+                student = _answer_logprobs(model, enc)
+                unload(model)
+            total += float((teacher.exp() * (teacher - student)).sum(-1).mean())
+        return total
+
+    tuned = tune(model, tokenizer, members, sets, steps=20, lr=1e-2, batch_size=4)
+    assert gap(tuned) < 0.7 * gap(members)
+    for a, t in zip(members, tuned, strict=True):
+        for name, module in a.modules.items():
+            assert torch.equal(module.indices, t.modules[name].indices)
+            assert module.scale == t.modules[name].scale
+    assert not list(sbora_layers(model))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _targets(model) -> list[str]:
+    return [n for n, _ in model.named_modules() if n.endswith(("q_proj", "up_proj"))]

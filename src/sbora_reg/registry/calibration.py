@@ -1,7 +1,8 @@
 """Compose-time calibration of registered members on their stored probe sets.
 
-``sbora.calibrate`` holds the method (``lsq``: the members' factors re-solved so that their sum
-reproduces each member's own update on every member's inputs). Here it takes its data from the
+``sbora.calibrate`` holds the methods (``lsq``: the members' factors re-solved so that their sum
+reproduces each member's own update on every member's inputs; ``tune``: ``lsq``, then a few
+steps of distillation from each member alone). Here they take their data from the
 registry, so a user types nothing extra: each member's probe set, read by the base model. The
 probe rows at even positions calibrate; the odd ones stay unseen, and ``compose --measure`` of
 a calibrated composition scores only those (``held_out``), so its figures are out of sample.
@@ -109,7 +110,7 @@ def calibrate_members(
         return members, chosen
     import torch
 
-    from sbora_reg.sbora.calibrate import calibrate, capture_moments, region_columns
+    from sbora_reg.sbora.calibrate import calibrate, capture_moments, region_columns, tune
     from sbora_reg.sbora.training import load_examples, load_model
 
     sets = []
@@ -132,6 +133,8 @@ def calibrate_members(
             on_member(record.ref)
         moments.append(capture_moments(model, tokenizer, rows, columns))
     solved = calibrate(adapters, moments)
+    if chosen.method == "tune":
+        solved = tune(model, tokenizer, adapters, sets, start=solved)
     out = [Member(m.name, m.version, m.sha256, a) for m, a in zip(members, solved, strict=True)]
     rows_used = {record.ref: len(rows) for (record, _), rows in zip(loaded, sets, strict=True)}
     return out, Calibration(chosen.method, chosen.reason, chosen.probes, rows_used)

@@ -39,9 +39,9 @@ from sbora_reg.registry.checkpoint import (
     shard_names,
 )
 from sbora_reg.registry.manifest import member_ref
-from sbora_reg.sbora.adapter import Adapter, AdapterModule
+from sbora_reg.sbora.adapter import Adapter, AdapterModule, stack_modules
 from sbora_reg.sbora.config import SBoRAConfig
-from sbora_reg.sbora.delta import add_regional, merge_regional
+from sbora_reg.sbora.delta import merge_regional
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
 
@@ -244,14 +244,7 @@ def _combine_module(name: str, mods: Sequence[AdapterModule]) -> AdapterModule:
     out, inp = first.shape
     variants = {m.variant for m in mods}
     if variants in ({"fa"}, {"fb"}):
-        union = torch.unique(torch.cat([_idx(m) for m in mods]))
-        size = (out, len(union)) if first.variant == "fa" else (len(union), inp)
-        factor = torch.zeros(size, dtype=torch.float32)  # s·factor summed at scale 1
-        for m in mods:
-            idx, part, scale = _part(m)
-            add_regional(factor, m.variant, torch.searchsorted(union, idx), part, scale)
-        a, b = (None, factor) if first.variant == "fa" else (factor, None)
-        return AdapterModule(name, first.variant, first.kind, (out, inp), 1.0, union, a, b)
+        return stack_modules(name, mods)
     a_parts, b_parts = [], []
     for m in mods:  # ΔW = Σ s·B_m A_m = [s·B_1 ... s·B_k] @ [A_1; ...; A_k]
         if m.variant == "fa":

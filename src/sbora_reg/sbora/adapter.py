@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,32 @@ class AdapterModule:
             _check_factor(where, "B", self.b, (out, r))
             if self.indices is not None:
                 raise AdapterFormatError(f"{where} (lora) must not carry indices")
+
+
+def stack_modules(name: str, mods: Sequence[AdapterModule]) -> AdapterModule:
+    """SBoRA modules of one variant as one module on the union of their indices, at scale 1,
+    whose factor holds each module's ``s·factor`` at its positions: the same ΔW as their sum."""
+    variants = {m.variant for m in mods}
+    if len(variants) != 1 or variants & {"lora"}:
+        raise ConfigError(f"{name}: only SBoRA modules of one variant stack ({sorted(variants)})")
+    first = mods[0]
+    out, inp = first.shape
+    idx = [m.indices for m in mods if m.indices is not None]
+    union = torch.unique(torch.cat(idx))
+    size = (out, len(union)) if first.variant == "fa" else (len(union), inp)
+    factor = torch.zeros(size, dtype=torch.float32)
+    for m, i in zip(mods, idx, strict=True):
+        _delta.add_regional(factor, m.variant, torch.searchsorted(union, i), m.factor, m.scale)
+    a, b = (None, factor) if first.variant == "fa" else (factor, None)
+    return AdapterModule(name, first.variant, first.kind, (out, inp), 1.0, union, a, b)
+
+
+def unstack(stacked: AdapterModule, member: AdapterModule) -> torch.Tensor:
+    """``member``'s factor (its own scale, dtype float32) read back out of a stacked module."""
+    assert stacked.indices is not None and member.indices is not None
+    positions = torch.searchsorted(stacked.indices, member.indices)
+    part = stacked.factor.detach().float().index_select(_delta.axis(member.variant), positions)
+    return (part * (stacked.scale / member.scale)).contiguous()
 
 
 def _check_factor(where: str, label: str, t: torch.Tensor | None, want: tuple[int, int]) -> None:

@@ -34,10 +34,12 @@ from torch import nn
 
 from sbora_reg.errors import ConfigError
 from sbora_reg.sbora.activations import module_inputs
-from sbora_reg.sbora.adapter import Adapter, AdapterModule
+from sbora_reg.sbora.adapter import Adapter, AdapterModule, stack_modules, unstack
+from sbora_reg.sbora.layer import is_adapter_param
 
-METHODS = ("none", "lsq")
+METHODS = ("none", "lsq", "tune")
 RIDGE = 1e-8
+TUNE_STEPS, TUNE_LR, TUNE_BATCH = 30, 1e-3, 16
 
 
 @dataclass(frozen=True)
@@ -167,3 +169,88 @@ def _indices(m: AdapterModule) -> torch.Tensor:
 
 def _factor(m: AdapterModule) -> torch.Tensor:
     return m.factor.detach()
+
+
+# ---- tune: lsq, then a few steps of distillation through the whole composed model -----------
+
+
+def tune(
+    model: nn.Module,
+    tokenizer: Any,
+    adapters: Sequence[Adapter],
+    sets: Sequence[Sequence[Any]],
+    *,
+    start: Sequence[Adapter] | None = None,
+    steps: int = TUNE_STEPS,
+    lr: float = TUNE_LR,
+    batch_size: int = TUNE_BATCH,
+    seed: int = 0,
+) -> list[Adapter]:
+    """The members' factors trained together, on their own regions, so that the composed model
+    predicts on task i's examples ``sets[i]`` what member i alone predicts there.
+
+    ``lsq`` corrects each module to first order from the base's activations; the errors that
+    compound through the layers it cannot see. ``tune`` starts from ``start`` (the ``lsq``
+    solution) and minimises ``KL(member i alone ‖ composed)`` over the answer tokens of every
+    task's examples (teacher forced), with AdamW and the training loop's schedule. Only the
+    factors change; ``model`` (the plain base) is returned to its state.
+    """
+    from sbora_reg.sbora.model import apply_adapter, extract, unload
+    from sbora_reg.sbora.training import cosine_schedule, encode, global_batches
+
+    if len(adapters) != len(sets):
+        raise ConfigError("tuning needs the examples of every member's task")
+    begin = list(start) if start is not None else list(adapters)
+    device = next(model.parameters()).device
+    rows = [(i, ex) for i, examples in enumerate(sets) for ex in examples]
+    teachers: list[torch.Tensor] = []  # per row: teacher log-probs at its answer positions
+    with torch.no_grad():
+        for i, adapter in enumerate(adapters):
+            apply_adapter(model, adapter).eval()
+            for ex in sets[i]:
+                teachers.append(_answer_logprobs(model, encode(tokenizer, [ex], device)))
+            unload(model)
+    names = sorted({n for a in begin for n in a.modules})
+    stacked = Adapter(
+        begin[0].config,
+        {n: stack_modules(n, [a.modules[n] for a in begin if n in a.modules]) for n in names},
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    apply_adapter(model, stacked)
+    try:
+        params = [p for n, p in model.named_parameters() if is_adapter_param(n)]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, warmup=3))
+        model.train()
+        for batch in global_batches(len(rows), batch_size, seed=seed, steps=steps, epochs=1):
+            enc = encode(tokenizer, [rows[k][1] for k in batch], device)
+            student = _answer_logprobs(model, enc)
+            teacher = torch.cat([teachers[k] for k in batch])
+            loss = (teacher.exp() * (teacher - student)).sum(-1).mean()  # KL(teacher ‖ student)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        trained = extract(model)
+    finally:
+        unload(model)
+    out = [copy.deepcopy(a) for a in adapters]
+    for adapter in out:
+        for name, module in adapter.modules.items():
+            factor = unstack(trained.modules[name], module)
+            if module.variant == "fa":
+                module.b = factor
+            else:
+                module.a = factor
+    return out
+
+
+def _answer_logprobs(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities (answer tokens, vocab) the model gives at every answer position."""
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    answer = enc["labels"][:, 1:] != -100
+    return torch.log_softmax(logits[:, :-1][answer].float(), dim=-1)
