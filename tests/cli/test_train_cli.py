@@ -242,3 +242,35 @@ def test_train_on_a_quantised_base_then_merge_dequantized_is_regional(
         expected = base[name] + delta
         # one float32 addition per touched weight
         assert ((merged - expected).abs() <= 2.0**-24 * expected.abs()).all()
+
+
+def test_register_without_indices_allocates_disjoint_regions_and_holds_out_a_probe_set(
+    tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    """train --register with no --indices: each run reserves a region disjoint from the others
+    and consumes it; every tenth row is held out of training and stored as the probe set."""
+    db = str(tmp_path / "reg.db")
+    runner = CliRunner()
+    data = _data(tmp_path / "d.jsonl", 40)
+    rows = data.read_text().splitlines()
+    for name, extra in (("one", []), ("two", []), ("three", ["--no-holdout"])):
+        res = runner.invoke(main, ["--db", db, "train", "--base", str(tiny_lm_dir), "--data",
+                                   str(data), "--out", str(tmp_path / name), "--steps", "2",
+                                   "--batch-size", "4", "--targets", "q_proj,up_proj",
+                                   "--register", name, "--json", *extra])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        assert report["examples"] == (40 if extra else 36)
+    with Registry.open(db) as reg:
+        with reg.read() as session:
+            reservations = session.query(m.Reservation).all()
+            assert len(reservations) == 3
+            assert all(r.consumed_by_adapter_id is not None for r in reservations)
+        one, two, three = (reg.resolve(n) for n in ("one", "two", "three"))
+        probe = reg.probe_path(one)
+        assert probe is not None and probe.read_text().splitlines() == rows[9::10]
+        assert three.probe_sha256 is None
+    overlap = runner.invoke(main, ["--db", db, "overlap", "one", "two", "three", "--json"])
+    assert overlap.exit_code == 0, overlap.output
+    pairs = json.loads(overlap.stdout)["pairs"]
+    assert len(pairs) == 3 and all(p["shared_cells"] == 0 for p in pairs), overlap.stdout

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sbora_reg.cli import main
-from sbora_reg.cli.common import echo_json, open_registry, parse_targets, progress
+from sbora_reg.cli.common import console, echo_json, open_registry, parse_targets, progress
 
 if TYPE_CHECKING:
     from sbora_reg.registry import AdapterRecord
@@ -55,7 +55,8 @@ def _main_process() -> bool:
 @click.option(
     "--indices",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Indices file from `sbora-reg allocate`.",
+    help="Indices file from `sbora-reg allocate` [default with --register: allocate a disjoint "
+    "region from the registry; without: the config's seeded default].",
 )
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (repeats the data).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data [default: 1].")
@@ -101,6 +102,13 @@ def _main_process() -> bool:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Held-out prompt/answer JSONL stored with --register (`eval`, `compose --measure`).",
 )
+@click.option(
+    "--holdout/--no-holdout",
+    default=True,
+    show_default=True,
+    help="With --register and no --probe: hold every tenth row of --data (at most 64) out of "
+    "training and store those rows as the probe set, for `compose` to calibrate and measure.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def train(
@@ -124,6 +132,7 @@ def train(
     register_as: str | None,
     task: str | None,
     probe: Path | None,
+    holdout: bool,
     as_json: bool,
 ) -> None:
     """Train an SBoRA adapter on a JSONL file; under torchrun, DDP over the processes."""
@@ -155,9 +164,10 @@ def train(
         if register_as is None:
             result, record = train_adapter(base, data, out, on_step=on_step, **options), None
         else:
+            err = console(stderr=True, quiet=as_json)
             result, record = train_and_register(
                 lambda: open_registry(ctx), register_as, base, data, out, task=task,
-                probe=probe, on_step=on_step, **options,
+                probe=probe, holdout=holdout, on_event=err.print, on_step=on_step, **options,
             )  # fmt: skip
     if result.rank != 0:
         return
