@@ -242,9 +242,7 @@ def test_calibrate_lsq_reads_probe_sets_keeps_regions_and_measures_held_out_rows
     rows = [[(r["prompt"], r["answer"]) for r in map(json.loads, p.read_text().splitlines())][0::2]
             for p in (d3, d7)]  # fmt: skip
     moments = [capture_moments(model, tok, r, cols) for r in rows]
-    solved = [
-        sbora.Adapter(m.config, {n: composed.modules[n] for n in m.modules}) for m in members
-    ]
+    solved = [sbora.Adapter(m.config, {n: composed.modules[n] for n in m.modules}) for m in members]
     for name in cols:
         assert objective(solved, moments, name, members) <= objective(members, moments, name)
 
