@@ -19,54 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-Example = tuple[str, str]
+from sbora_reg.demo.skills import EVAL_SEED, PROBE_SEED, SKILLS, Example
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-WORDS = [
-    "cup", "fish", "car", "red", "tree", "moon", "salt", "boat",
-    "lamp", "rain", "door", "milk", "king", "sand", "wolf", "bell",
-]  # fmt: skip
-
-
-def _add(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"Add: {a}+{b}=", f"{a + b}"
-
-
-def _sort(rng: random.Random) -> Example:
-    nums = rng.sample(range(1, 100), 3)
-    return f"Sort: {' '.join(map(str, nums))} ->", " " + " ".join(map(str, sorted(nums)))
-
-
-def _last(rng: random.Random) -> Example:
-    words = rng.sample(WORDS, 4)
-    return f"Last word of: {' '.join(words)} ->", f" {words[-1]}"
-
-
-def _max(rng: random.Random) -> Example:
-    nums = rng.sample(range(1, 100), 4)
-    return f"Max of: {' '.join(map(str, nums))} ->", f" {max(nums)}"
-
-
-def _rev(rng: random.Random) -> Example:
-    words = rng.sample(WORDS, 3)
-    return f"Reverse: {' '.join(words)} ->", " " + " ".join(reversed(words))
-
-
-def _upper(rng: random.Random) -> Example:
-    word = rng.choice(WORDS)
-    n = rng.randint(1, 9)
-    return f"Upper: {word} {n} ->", f" {word.upper()} {n}"
-
-
-SKILLS: dict[str, Callable[[random.Random], Example]] = {
-    "add": _add, "sort": _sort, "last": _last, "max": _max, "rev": _rev, "upper": _upper,
-}  # fmt: skip
-PROBE_SEED, EVAL_SEED = 10_000, 20_000  # training prompts use seeds below both
 
 
 def _jsonl(path: Path, rows: list[Example]) -> Path:
@@ -75,8 +33,7 @@ def _jsonl(path: Path, rows: list[Example]) -> Path:
 
 
 def _examples(skill: str, n: int, seed: int) -> list[Example]:
-    rng = random.Random(f"{skill}:{seed}")
-    return [SKILLS[skill](rng) for _ in range(n)]
+    return SKILLS[skill].examples(n, seed)  # the demo's skills (sbora_reg.demo.skills)
 
 
 def train_skills(args: argparse.Namespace, seed: int, base: Path, work: Path) -> list[str]:

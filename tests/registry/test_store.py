@@ -227,7 +227,13 @@ def test_wrong_base_refused(registry: Registry, tiny_base: Path, tmp_path: Path)
     assert snapshot(registry) == before
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "x..y", "bad\nname", "tab\tname", "", " x", "a@b"])
+BAD_NAMES = [
+    "a/b", "..", "x..y", "bad\nname", "tab\tname", "", " x", "a@b", "a b", "-x", ".x",
+    "caf\u00e9", "\u0430dapter", "x" * 97, "x;y",  # accent, Cyrillic look-alike, too long
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_names_refused(registry: Registry, tiny_base: Path, tmp_path: Path, name: str) -> None:
     make_adapter(tmp_path / "a", tiny_base)
     with pytest.raises(InvalidNameError):
@@ -235,6 +241,15 @@ def test_bad_names_refused(registry: Registry, tiny_base: Path, tmp_path: Path, 
     with pytest.raises(InvalidNameError):
         registry.add(tmp_path / "a", tags={name or "": "v"})
     assert snapshot(registry) == ([], [])
+
+
+def test_the_name_grammar_is_said_in_the_error_and_good_names_pass() -> None:
+    from sbora_reg.registry.names import check_name
+
+    with pytest.raises(InvalidNameError, match="letters, digits and '-', '_', '.'"):
+        check_name("a b")
+    for good in ("a", "A9", "my-adapter_v1.2", "x" * 96, "9lives"):
+        assert check_name(good) == good
 
 
 def test_bases(registry: Registry, tiny_base: Path) -> None:

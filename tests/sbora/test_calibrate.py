@@ -186,3 +186,62 @@ def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
 
 def _targets(model) -> list[str]:
     return [n for n, _ in model.named_modules() if n.endswith(("q_proj", "up_proj"))]
+
+
+def test_match_returns_one_member_unchanged_and_reproduces_each_member_alone_better(
+    tiny_lm_dir,
+) -> None:
+    """match: with one member, nothing changes (its target is its own output); with two, the
+    composed model's outputs on each task move toward that member alone's (final logits)."""
+    from sbora_reg.sbora import inject, sbora_layers, unload
+    from sbora_reg.sbora.adapter import stack_modules
+    from sbora_reg.sbora.calibrate import match
+    from sbora_reg.sbora.model import apply_adapter, extract
+    from sbora_reg.sbora.training import encode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    members = []
+    for seed, idx, variant, targets in ((1, [0, 1, 2, 3], "fa", ("q_proj", "up_proj")),
+                                        (2, [8, 9, 10, 11], "fa", ("q_proj", "up_proj"))):  # fmt: skip
+        cfg = SBoRAConfig(variant=variant, r=4, alpha=8, target_modules=targets)
+        names = [n for n, _ in model.named_modules() if n.endswith(targets)]
+        inject(model, cfg, indices={n: idx for n in names})
+        adapter = extract(model)
+        gen = torch.Generator().manual_seed(seed)
+        for module in adapter.modules.values():
+            module.b = 0.5 * torch.randn(module.b.shape, generator=gen)
+        unload(model)
+        members.append(adapter)
+    sets = [
+        [(f"{i}+{i}=", str(2 * i)) for i in range(8)],
+        [(f"{i}*3=", str(3 * i)) for i in range(8)],
+    ]
+    (alone,) = match(model, tokenizer, members[:1], sets[:1])
+    for name, module in alone.modules.items():
+        b0 = members[0].modules[name].b
+        assert torch.allclose(module.b, b0, rtol=1e-4, atol=1e-5 * float(b0.abs().max()))
+
+    def logits(adapters) -> list[torch.Tensor]:
+        names = sorted({n for a in adapters for n in a.modules})
+        stacked = Adapter(adapters[0].config, {
+            n: stack_modules(n, [a.modules[n] for a in adapters if n in a.modules]) for n in names
+        })  # fmt: skip
+        out = []
+        with torch.no_grad():
+            for rows in sets:
+                enc = encode(tokenizer, rows, torch.device("cpu"))
+                out.append(apply_adapter(model, stacked)(**{k: enc[k] for k in ("input_ids",
+                           "attention_mask")}).logits)  # fmt: skip
+                unload(model)
+        return out
+
+    want = [logits([m])[i] for i, m in enumerate(members)]
+    plain = logits(members)
+    matched = logits(match(model, tokenizer, members, sets))
+    for i in range(2):
+        assert (matched[i] - want[i]).norm() < (plain[i] - want[i]).norm()
+    assert not list(sbora_layers(model))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sbora_reg import sbora
-from sbora_reg.demo import skills
 from sbora_reg.errors import ConfigError, DataError, FingerprintMismatchError, SboraRegError
 from sbora_reg.sbora import SBoRAConfig, training
 from sbora_reg.sbora.training import Example
@@ -205,19 +204,3 @@ def test_indices_file_is_used_and_checked(tmp_path: Path, tiny_lm_dir: Path) -> 
     assert sorted(filled.target_modules) == sorted(names)
     with pytest.raises(ConfigError, match="--rank is 5"):
         training.config_for_indices(good, r=5)
-
-
-def test_skills_train_uses_the_shared_loop(tiny_lm_dir: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    sbora.inject(model, SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=TARGETS))
-    seen: list[tuple[int, float]] = []
-    losses = skills.train(
-        model,
-        tokenizer,
-        skills.SKILLS["add"],
-        steps=3,
-        batch_size=4,
-        on_step=lambda s, loss: seen.append((s, loss)),
-    )
-    assert [s for s, _ in seen] == [0, 1, 2] and [x for _, x in seen] == losses

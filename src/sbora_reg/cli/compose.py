@@ -100,7 +100,7 @@ def _render(result: ComposeResult) -> None:
 )
 @click.option(
     "--calibrate",
-    type=click.Choice(["auto", "lsq", "tune", "none"]),
+    type=click.Choice(["auto", "lsq", "match", "tune", "none"]),
     default="none",
     show_default=True,
     help="lsq: before merging, re-solve each member's factors on its own region so that the sum "

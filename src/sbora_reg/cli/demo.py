@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,26 +27,58 @@ if TYPE_CHECKING:
     help="Where the base checkpoint (cached), registry, adapters and composed model go.",
 )
 @click.option(
-    "--steps",
-    type=click.IntRange(1),
-    default=40,
+    "--skills",
+    default="add,sort,last",
     show_default=True,
-    help="Training steps per skill.",
+    help="Comma-separated skills to train and compose: add, sort, last, max, rev, upper.",
+)
+@click.option("--steps", type=click.IntRange(1), help="Training steps per skill [default: 100].")
+@click.option(
+    "--rank",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="SBoRA-FA rank per module.",
 )
 @click.option(
-    "--rank", type=click.IntRange(1), default=8, show_default=True, help="SBoRA-FA rank per module."
+    "--calibrate",
+    type=click.Choice(["auto", "lsq", "match", "tune", "none"]),
+    default="auto",
+    show_default=True,
+    help="How compose calibrates the members on their probe sets (see `compose --help`).",
+)
+@click.option(
+    "--quick", is_flag=True, help="A short run for CI: 20 steps per skill, fewer prompts."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
-    """Train two skills as SBoRA-FA adapters on disjoint allocated regions of SmolLM2-135M,
-    register them, compose them into one checkpoint, audit it and measure what survived.
+def demo(
+    workdir: Path, skills: str, steps: int | None, rank: int, calibrate: str, quick: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Train three skills as SBoRA-FA adapters on disjoint regions of SmolLM2-135M, each
+    allocated from the registry and registered with a probe set; compose them into one
+    checkpoint (calibrated on the probe sets), audit it, and measure how much of each skill
+    survived: exact match on held-out prompts, base / alone / composed.
 
     Every run starts from an empty registry in WORKDIR (the converted base model is cached).
     """
     from sbora_reg.demo import DemoConfig, run_demo
+    from sbora_reg.demo import quick as quick_config
+    from sbora_reg.demo.skills import SKILLS
 
-    err = console(stderr=True)
-    with progress("loss {task.fields[loss]}") as bar:
+    names = tuple(s.strip() for s in skills.split(",") if s.strip())
+    unknown = [n for n in names if n not in SKILLS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown skill {', '.join(unknown) or '(none)'}: choose from {', '.join(SKILLS)}",
+            param_hint="--skills",
+        )
+    cfg = DemoConfig(workdir=workdir, skills=names, rank=rank, calibrate=calibrate)
+    cfg = quick_config(cfg) if quick else cfg
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
+    err = console(stderr=True, quiet=as_json)
+    with progress("loss {task.fields[loss]}", hidden=as_json) as bar:
         bars: dict[str, TaskID] = {}
 
         def on_step(skill: str, step: int, total: int, loss: float) -> None:
@@ -54,9 +87,7 @@ def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
             bar.update(bars[skill], completed=step + 1, loss=f"{loss:.3f}")
 
         report = run_demo(
-            DemoConfig(workdir=workdir, steps=steps, rank=rank),
-            on_event=lambda msg: err.print(f"[bold]•[/bold] {msg}"),
-            on_step=on_step,
+            cfg, on_event=lambda msg: err.print(f"[bold]•[/bold] {msg}"), on_step=on_step
         )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -67,15 +98,18 @@ def demo(workdir: Path, steps: int, rank: int, as_json: bool) -> None:
 def _render(report: DemoReport) -> None:
     from sbora_reg.cli.tables import retention_table
 
-    title = "How much of each skill survived composition (held-out examples)"
+    title = "How much of each skill survived composition (held-out prompts)"
     table = retention_table(report.rows, title, label="skill")
     out = console()
     out.print(table)
+    calibration = report.calibration or {}
+    method = calibration.get("method", "none")
+    how = f"calibrated ({method})" if method != "none" else "not calibrated"
     out.print(
         f"adapters: {', '.join(report.adapters)} · shared weights between them: "
-        f"{report.overlap_cells}\n"
+        f"{report.overlap_cells} · composition {how}\n"
         f"composed checkpoint: {report.composed_dir} · audit: {report.audit_changed:,} weights "
         f"changed, {report.audit_unexplained} not explained by a registered region\n"
-        f"merged vs unmerged logits, max |diff|: {report.merged_vs_unmerged_max_abs:.2e} · "
-        f"picture: {report.picture} · {report.seconds:.0f} s"
+        f"picture: {report.picture} · {report.seconds:.0f} s ({report.train_seconds:.0f} s "
+        "training)"
     )

@@ -4,6 +4,6 @@ It sits above the registry and the method and uses only their public functions: 
 preparation (``base``), the procedural skills (``skills``) and the run itself (``run``).
 """
 
-from sbora_reg.demo.run import DemoConfig, DemoReport, run_demo
+from sbora_reg.demo.run import DemoConfig, DemoReport, quick, run_demo
 
-__all__ = ["DemoConfig", "DemoReport", "run_demo"]
+__all__ = ["DemoConfig", "DemoReport", "quick", "run_demo"]

@@ -1,4 +1,5 @@
-"""The demo's procedural skills: generators of ``(prompt, answer)`` pairs, and their training.
+"""The procedural skills of the demo and of ``benchmarks/interference.py``: generators of
+``(prompt, answer)`` pairs, seeded, so training, probe and evaluation sets never share a draw.
 
 Disjoint regions keep *weights* apart, not *skills* (every adapter still reads the same
 activations), so the demo measures the composed model on every skill (``sbora.scoring``).
@@ -6,20 +7,17 @@ activations), so the demo measures the composed model on every skill (``sbora.sc
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
-
-from sbora_reg.sbora.scoring import batches
-from sbora_reg.sbora.training import encode, run_steps
+from pathlib import Path
 
 Example = tuple[str, str]
 
-# Evaluation examples are drawn with this seed; training uses small seeds (0, 1, ...).
-HELD_OUT_SEED = 10_000
+# Training examples use small seeds (0, 1, ...); probe sets and evaluation sets their own.
+PROBE_SEED, EVAL_SEED = 10_000, 20_000
+HELD_OUT_SEED = EVAL_SEED
 
 
 @dataclass(frozen=True)
@@ -34,40 +32,58 @@ class Skill:
         rng = random.Random(f"{self.name}:{seed}")
         return [self.make(rng) for _ in range(n)]
 
+    def write(self, path: Path, n: int, seed: int) -> Path:
+        """``n`` examples as a JSONL prompt/answer file (what `sbora-reg train` reads)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.examples(n, seed)
+        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+        return path
 
-def _addition(rng: random.Random) -> Example:
+
+WORDS = [
+    "cup", "fish", "car", "red", "tree", "moon", "salt", "boat",
+    "lamp", "rain", "door", "milk", "king", "sand", "wolf", "bell",
+]  # fmt: skip
+
+
+def _add(rng: random.Random) -> Example:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"{a}+{b}=", f"{a + b}"
+    return f"Add: {a}+{b}=", f"{a + b}"
 
 
-def _sorting(rng: random.Random) -> Example:
-    digits = [rng.randint(0, 9) for _ in range(5)]
-    return "sort " + " ".join(map(str, digits)) + ":", " " + " ".join(map(str, sorted(digits)))
+def _sort(rng: random.Random) -> Example:
+    nums = rng.sample(range(1, 100), 3)
+    return f"Sort: {' '.join(map(str, nums))} ->", " " + " ".join(map(str, sorted(nums)))
+
+
+def _last(rng: random.Random) -> Example:
+    words = rng.sample(WORDS, 4)
+    return f"Last word of: {' '.join(words)} ->", f" {words[-1]}"
+
+
+def _max(rng: random.Random) -> Example:
+    nums = rng.sample(range(1, 100), 4)
+    return f"Max of: {' '.join(map(str, nums))} ->", f" {max(nums)}"
+
+
+def _rev(rng: random.Random) -> Example:
+    words = rng.sample(WORDS, 3)
+    return f"Reverse: {' '.join(words)} ->", " " + " ".join(reversed(words))
+
+
+def _upper(rng: random.Random) -> Example:
+    word, n = rng.choice(WORDS), rng.randint(1, 9)
+    return f"Upper: {word} {n} ->", f" {word.upper()} {n}"
 
 
 SKILLS: dict[str, Skill] = {
-    "add": Skill("add", "two-digit addition: '23+45=' -> '68'", _addition),
-    "sort": Skill("sort", "sort five digits: 'sort 3 9 1 7 2:' -> ' 1 2 3 7 9'", _sorting),
+    s.name: s
+    for s in (
+        Skill("add", "two-digit addition: 'Add: 77+57=' -> '134'", _add),
+        Skill("sort", "sort three numbers: 'Sort: 57 15 1 ->' -> ' 1 15 57'", _sort),
+        Skill("last", "last of four words: 'Last word of: cup fish car red ->' -> ' red'", _last),
+        Skill("max", "largest of four numbers: 'Max of: 3 71 12 9 ->' -> ' 71'", _max),
+        Skill("rev", "three words reversed: 'Reverse: cup fish car ->' -> ' car fish cup'", _rev),
+        Skill("upper", "a word in capitals: 'Upper: fish 3 ->' -> ' FISH 3'", _upper),
+    )
 }
-
-
-def train(
-    model: nn.Module,
-    tokenizer: Any,
-    skill: Skill,
-    *,
-    steps: int,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    seed: int = 0,
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Train the model's trainable parameters on ``skill``; returns the loss of every step.
-
-    ``on_step(step, loss)``; the loop itself is ``training.run_steps`` (shared with `train`).
-    """
-    device = next(model.parameters()).device
-    data = skill.examples(steps * batch_size, seed=seed)
-    encoded = (encode(tokenizer, batch, device) for batch in batches(data, batch_size))
-    hook = (lambda step, _total, loss: on_step(step, loss)) if on_step is not None else None
-    return run_steps(model, encoded, steps=steps, lr=lr, on_step=hook)

@@ -110,7 +110,13 @@ def calibrate_members(
         return members, chosen
     import torch
 
-    from sbora_reg.sbora.calibrate import calibrate, capture_moments, region_columns, tune
+    from sbora_reg.sbora.calibrate import (
+        calibrate,
+        capture_moments,
+        match,
+        region_columns,
+        tune,
+    )
     from sbora_reg.sbora.training import load_examples, load_model
 
     sets = []
@@ -133,7 +139,9 @@ def calibrate_members(
             on_member(record.ref)
         moments.append(capture_moments(model, tokenizer, rows, columns))
     solved = calibrate(adapters, moments)
-    if chosen.method == "tune":
+    if chosen.method == "match":
+        solved = match(model, tokenizer, adapters, sets, start=solved)
+    elif chosen.method == "tune":
         solved = tune(model, tokenizer, adapters, sets, start=solved)
     out = [Member(m.name, m.version, m.sha256, a) for m, a in zip(members, solved, strict=True)]
     rows_used = {record.ref: len(rows) for (record, _), rows in zip(loaded, sets, strict=True)}

@@ -9,32 +9,48 @@ from pathlib import Path
 
 from sbora_reg.errors import InvalidNameError
 
-MAX_NAME = 200
+MAX_NAME = 96
+# Names of adapters, tasks and tag keys: the Hub's repo-name grammar, so every name can be pushed.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+ALLOWED = (
+    "letters, digits and '-', '_', '.', starting with a letter or digit, at most "
+    f"{MAX_NAME} characters"
+)
 
 
 def check_name(name: str, what: str = "name") -> str:
-    """Return ``name`` if it is a safe registry name, else raise InvalidNameError."""
-    if not name or not name.strip():
-        raise InvalidNameError(f"the {what} is empty: pass a non-empty {what}")
+    """Return ``name`` if it is a registry name (``[A-Za-z0-9][A-Za-z0-9._-]*``, at most
+    ``MAX_NAME`` characters: what the Hub accepts), else raise InvalidNameError saying why."""
+    if not name:
+        raise InvalidNameError(f"the {what} is empty: use {ALLOWED}")
     if len(name) > MAX_NAME:
-        raise InvalidNameError(f"the {what} {name[:40]!r}... is longer than {MAX_NAME} characters")
-    if name != name.strip():
-        raise InvalidNameError(f"the {what} {name!r} starts or ends with whitespace")
-    if any(unicodedata.category(c).startswith("C") for c in name):
-        raise InvalidNameError(f"the {what} {name!r} contains control characters")
-    if "/" in name or "\\" in name:
-        raise InvalidNameError(f"the {what} {name!r} contains a path separator: use '-' or '_'")
+        raise InvalidNameError(f"the {what} {name[:40]!r}... is too long: use {ALLOWED}")
+    if not _NAME.fullmatch(name):
+        bad = next((c for c in name if not re.fullmatch(r"[A-Za-z0-9._-]", c)), name[0])
+        raise InvalidNameError(f"the {what} {name!r} may not contain {bad!r}: use {ALLOWED}")
     if ".." in name:
-        raise InvalidNameError(f"the {what} {name!r} contains '..'")
-    if "@" in name:
-        raise InvalidNameError(f"the {what} {name!r} contains '@', which separates the version")
+        raise InvalidNameError(f"the {what} {name!r} may not contain '..': use {ALLOWED}")
+    return name
+
+
+def _check_ref_name(name: str) -> str:
+    """A name as a reference may spell it. Registries made before the grammar may hold names
+    outside it (with spaces, say), so a reference is held to the rules every stored name has
+    always met: not empty, no control characters, no path separator, '..' or '@'."""
+    if (
+        not name
+        or name != name.strip()
+        or any(unicodedata.category(c).startswith("C") for c in name)
+        or any(part in name for part in ("/", "\\", "..", "@"))
+    ):
+        raise InvalidNameError(f"{name!r} is not an adapter name: names use {ALLOWED}")
     return name
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``"name"`` -> (name, None); ``"name@3"`` -> (name, 3)."""
     name, sep, version_text = ref.rpartition("@") if "@" in ref else (ref, "", "")
-    check_name(name)
+    _check_ref_name(name)
     if not sep:
         return name, None
     if not version_text.isdigit() or int(version_text) < 1:

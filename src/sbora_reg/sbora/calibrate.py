@@ -37,7 +37,8 @@ from sbora_reg.sbora.activations import module_inputs
 from sbora_reg.sbora.adapter import Adapter, AdapterModule, stack_modules, unstack
 from sbora_reg.sbora.layer import is_adapter_param
 
-METHODS = ("none", "lsq", "tune")
+METHODS = ("none", "lsq", "match", "tune")
+MATCH_ROUNDS = 3
 RIDGE = 1e-8
 TUNE_STEPS, TUNE_LR, TUNE_BATCH = 30, 1e-3, 16
 
@@ -254,3 +255,185 @@ def _answer_logprobs(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Te
     logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
     answer = enc["labels"][:, 1:] != -100
     return torch.log_softmax(logits[:, :-1][answer].float(), dim=-1)
+
+
+# ---- match: least squares against each member alone, through the composed model, iterated ----
+
+
+def match(
+    model: nn.Module,
+    tokenizer: Any,
+    adapters: Sequence[Adapter],
+    sets: Sequence[Sequence[Any]],
+    *,
+    start: Sequence[Adapter] | None = None,
+    rounds: int = MATCH_ROUNDS,
+    batch_size: int = 16,
+) -> list[Adapter]:
+    """``lsq`` with the errors that compound through the layers taken into account.
+
+    ``lsq`` asks every module to reproduce ``ΔW_i x_i`` on the *base's* activations; in the
+    composition each module sees activations the other members (and the layers below) already
+    moved. ``match`` asks each module of the composed model to output, on task i's tokens, what
+    the same module outputs in member i alone, given the activations it really receives:
+
+        min over the stacked factor F   Σ_i E‖ W0 x̃_i + F x̃_i[c] − y_i ‖²
+
+    with ``x̃_i`` the module's input in the current composed model, ``y_i`` its output in the
+    base with member i alone (same tokens, teacher forced) and each task weighted equally;
+    closed form per module (``F (Σ G_i) = Σ E[(y_i − W0 x̃_i) x̃_i[c]ᵀ]``; FB: on the members'
+    rows, with the whole input), all modules at once, then again from the new composition,
+    ``rounds`` times. With one member it returns the member. ``model`` (the plain base) is left
+    as it was.
+    """
+    from sbora_reg.sbora.model import apply_adapter, unload
+
+    if len(adapters) != len(sets):
+        raise ConfigError("calibration needs the examples of every member's task")
+    current = [copy.deepcopy(a) for a in (start if start is not None else adapters)]
+    if len(adapters) < 2:
+        return current
+    columns = region_columns(adapters)
+    names = sorted(columns)
+    for _ in range(rounds):
+        stacked = _stack(current, names)
+        grams: dict[str, torch.Tensor] = {}
+        cross: dict[str, torch.Tensor] = {}
+        for i, rows in enumerate(sets):
+            apply_adapter(model, adapters[i])
+            teacher = _outputs(model, tokenizer, rows, names, batch_size)
+            unload(model)
+            apply_adapter(model, stacked)
+            g, r = _student_moments(model, tokenizer, rows, names, columns, teacher, batch_size)
+            unload(model)
+            for name in names:
+                grams[name] = grams[name] + g[name] if name in grams else g[name]
+                cross[name] = cross[name] + r[name] if name in cross else r[name]
+        for name in names:
+            module = stacked.modules[name]
+            solved = torch.linalg.solve(_ridged(grams[name]), cross[name].T).T
+            if module.variant == "fa":
+                module.b = solved.float().contiguous()  # (out, c) = s·B on every column
+            else:
+                module.a = solved.float().contiguous()  # (u, in) = s·A on every member row
+        current = _unstack_all(stacked, current)
+    return current
+
+
+def _stack(adapters: Sequence[Adapter], names: Sequence[str]) -> Adapter:
+    return Adapter(
+        adapters[0].config,
+        {n: stack_modules(n, [a.modules[n] for a in adapters if n in a.modules]) for n in names},
+    )
+
+
+def _unstack_all(stacked: Adapter, like: Sequence[Adapter]) -> list[Adapter]:
+    out = [copy.deepcopy(a) for a in like]
+    for adapter in out:
+        for name, module in adapter.modules.items():
+            factor = unstack(stacked.modules[name], module)
+            if module.variant == "fa":
+                module.b = factor
+            else:
+                module.a = factor
+    return out
+
+
+def _batches(
+    tokenizer: Any, rows: Sequence[Any], batch_size: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    from sbora_reg.sbora.scoring import batches
+    from sbora_reg.sbora.training import encode
+
+    return [encode(tokenizer, b, device) for b in batches(rows, batch_size)]
+
+
+@torch.no_grad()
+def _outputs(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Any], names: Sequence[str], batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Per batch, every named module's output rows (real tokens only)."""
+    device = next(model.parameters()).device
+    found: list[dict[str, torch.Tensor]] = []
+    mask: list[torch.Tensor] = []
+
+    def hook(name: str) -> Any:
+        def grab(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            found[-1][name] = out.detach()[mask[0]].double()
+
+        return grab
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        model.eval()
+        for enc in _batches(tokenizer, rows, batch_size, device):
+            mask[:] = [enc["attention_mask"].bool()]
+            found.append({})
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+@torch.no_grad()
+def _student_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Any],
+    names: Sequence[str],
+    columns: Mapping[str, torch.Tensor | None],
+    teacher: Sequence[Mapping[str, torch.Tensor]],
+    batch_size: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per module, ``E[z zᵀ]`` and ``E[(y − W0 x̃) zᵀ]`` over one task's tokens, with ``z`` the
+    stacked factor's input (``x̃[c]`` for FA, ``x̃`` for FB) and the target restricted to the
+    members' rows for FB."""
+    device = next(model.parameters()).device
+    grams: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+
+    def pre(name: str) -> Any:
+        def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            state[name] = args[0].detach()[state["mask"]].double()
+
+        return grab
+
+    def base_out(name: str) -> Any:
+        def grab(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            x = state.pop(name)
+            target = state["teacher"][name] - out.detach()[state["mask"]].double()  # y − W0 x̃
+            layer = model.get_submodule(name)
+            cols = columns[name]
+            if cols is None:  # FB: the members' rows of the target, the whole input
+                target = target[:, layer.sbora_idx]
+                z = x
+            else:
+                z = x[:, cols]
+            g, r = z.T @ z, target.T @ z
+            grams[name] = grams[name] + g if name in grams else g
+            cross[name] = cross[name] + r if name in cross else r
+
+        return grab
+
+    handles = []
+    for n in names:
+        layer = model.get_submodule(n)
+        handles.append(layer.register_forward_pre_hook(pre(n)))
+        inner = layer.get_submodule("base_layer")  # the plain layer inside the SBoRA wrapper
+        handles.append(inner.register_forward_hook(base_out(n)))
+    tokens = 0
+    try:
+        model.eval()
+        for enc, want in zip(_batches(tokenizer, rows, batch_size, device), teacher, strict=True):
+            state["mask"], state["teacher"] = enc["attention_mask"].bool(), want
+            tokens += int(state["mask"].sum())
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (
+        {n: g / tokens for n, g in grams.items()},
+        {n: r / tokens for n, r in cross.items()},
+    )
