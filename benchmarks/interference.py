@@ -1,7 +1,7 @@
 """How much of each skill survives composition: exact match base / alone / composed, per seed.
 
     python benchmarks/interference.py [--skills add,sort,last,max,rev,upper] [--sizes 3,6]
-        [--seeds 0,1] [--steps 150] [--eval 200] [--probe 64] [--calibrate none,lsq]
+        [--seeds 0,1] [--steps 150] [--eval 200] [--probe 256] [--calibrate none,lsq,tune]
         [--variant fa] [--out benchmarks/results/interference.md] [--workdir DIR]
 
 The issue's setup through the project's own library calls: SmolLM2-135M-Instruct (from PyPI),
@@ -48,9 +48,13 @@ def train_skills(args: argparse.Namespace, seed: int, base: Path, work: Path) ->
         name = f"{skill}-s{seed}"
         with Registry.open(work / "registry.db") as registry:
             done = [r for r in registry.list() if r.name == name]
-        if done:
-            refs.append(done[-1].ref)
-            continue
+            if done:  # trained by an earlier run: give it this run's probe set
+                probe = _examples(skill, args.probe, PROBE_SEED)
+                path = registry.probe_path(done[-1])
+                if path is None or len(path.read_text().splitlines()) != len(probe):
+                    registry.set_probe(done[-1].ref, _jsonl(work / f"{skill}.probe.jsonl", probe))
+                refs.append(done[-1].ref)
+                continue
         train = _jsonl(work / f"{skill}.train.jsonl", _examples(skill, args.steps * 16, seed))
         probe = _jsonl(work / f"{skill}.probe.jsonl", _examples(skill, args.probe, PROBE_SEED))
         indices = work / f"{skill}.indices.safetensors"
@@ -143,11 +147,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval", type=int, default=200)
-    parser.add_argument("--probe", type=int, default=64)
+    parser.add_argument("--probe", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--variant", default="fa", choices=["fa", "fb"])
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--calibrate", default="none,lsq", help="compose-time methods")
+    parser.add_argument("--calibrate", default="none,lsq,tune", help="compose-time methods")
     parser.add_argument("--workdir", default="/tmp/sbora-interference")
     parser.add_argument("--out", default="benchmarks/results/interference.md")
     parser.add_argument("--train-only", action="store_true")
@@ -163,8 +167,10 @@ def main() -> None:
             "# Composition retention (benchmarks/interference.py)\n\n"
             f"Setup: SmolLM2-135M-Instruct, r={args.rank} on {','.join(TARGETS)}, disjoint "
             f"allocation, {args.steps} steps of 16, lr {args.lr}; probe sets of {args.probe} "
-            f"prompts (what compose-time methods may use); scored on {args.eval} other held-out "
-            "prompts per skill. Exact match; `kept` = composed / alone.\n\n" + HEADER
+            "prompts (compose-time calibration reads the even rows); scored on "
+            f"{args.eval} other held-out prompts per skill. Exact match; `kept` = composed / "
+            "alone. Methods: `none` the plain sum of deltas; `lsq` / `tune` see "
+            "`sbora-reg compose --help`.\n\n" + HEADER
         )
     for seed in (int(s) for s in args.seeds.split(",")):
         work = Path(args.workdir) / f"{args.variant}-seed{seed}"

@@ -73,7 +73,7 @@ def test_fa_calibration_is_the_dense_least_squares_solution() -> None:
                _adapter("fa", [9, 10, 11, 5], 3)]  # fmt: skip
     xs = _inputs(4, (40, 25, 60))
     moments = _moments(xs, region_columns(members)["m"])
-    solved = calibrate(members, moments)
+    solved = calibrate(members, moments, prior=0.0)
     total = sum(a.delta("m").double() for a in solved)
     want = _reference(members, xs)
     assert torch.allclose(total, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
@@ -90,10 +90,37 @@ def test_fa_calibration_is_the_dense_least_squares_solution() -> None:
 def test_fb_calibration_is_the_dense_least_squares_solution() -> None:
     members = [_adapter("fb", [0, 2], 5), _adapter("fb", [3, 4, 6], 6, 1.5)]
     xs = _inputs(7, (50, 30))
-    solved = calibrate(members, _moments(xs, None))
+    solved = calibrate(members, _moments(xs, None), prior=0.0)
     total = sum(a.delta("m").double() for a in solved)
     want = _reference(members, xs)
     assert torch.allclose(total, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
+
+
+def test_the_prior_holds_factors_to_their_trained_values() -> None:
+    """With ε > 0: ``+ ε Σ_c D_cc ‖S[:, c] − T[:, c]‖²`` (D the summed moments' diagonal) in
+    the dense reference, as rows ``sqrt(ε D_cc) e_c`` with targets ``T``; large ε: no change."""
+    members = [_adapter("fa", [0, 3, 4], 1), _adapter("fa", [1, 7], 2, 2.0)]
+    xs = _inputs(9, (40, 25))
+    cols = region_columns(members)["m"]
+    moments = _moments(xs, cols)
+    eps = 0.5
+    solved = calibrate(members, moments, prior=eps)
+    diag = torch.diagonal(sum(m["m"].gram for m in moments))
+    rows = [x.shape[0] ** -0.5 * x.double()[:, cols] for x in xs]
+    targets = [x.shape[0] ** -0.5 * x.double() @ members[i].delta("m").double().T
+               for i, x in enumerate(xs)]  # fmt: skip
+    own = sum(a.delta("m").double() for a in members)[:, cols]  # T: (out, c)
+    rows.append(torch.diag((eps * diag).sqrt()))
+    targets.append(torch.diag((eps * diag).sqrt()) @ own.T)
+    s = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution.T
+    total = sum(a.delta("m").double() for a in solved)[:, cols]
+    assert torch.allclose(total, s, rtol=RTOL, atol=RTOL * float(s.abs().max()))
+    held = calibrate(members, moments, prior=1e9)
+    for before, after in zip(members, held, strict=True):
+        b0 = before.modules["m"].b
+        assert torch.allclose(
+            after.modules["m"].b, b0, rtol=1e-6, atol=1e-6 * float(b0.abs().max())
+        )
 
 
 def test_nothing_changes_without_crosstalk_or_with_one_member() -> None:
@@ -203,9 +230,9 @@ def test_match_returns_one_member_unchanged_and_reproduces_each_member_alone_bet
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     members = []
-    for seed, idx, variant, targets in ((1, [0, 1, 2, 3], "fa", ("q_proj", "up_proj")),
-                                        (2, [8, 9, 10, 11], "fa", ("q_proj", "up_proj"))):  # fmt: skip
-        cfg = SBoRAConfig(variant=variant, r=4, alpha=8, target_modules=targets)
+    targets = ("q_proj", "up_proj")
+    for seed, idx in ((1, [0, 1, 2, 3]), (2, [8, 9, 10, 11])):
+        cfg = SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=targets)
         names = [n for n, _ in model.named_modules() if n.endswith(targets)]
         inject(model, cfg, indices={n: idx for n in names})
         adapter = extract(model)

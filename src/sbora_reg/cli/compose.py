@@ -101,13 +101,14 @@ def _render(result: ComposeResult) -> None:
 @click.option(
     "--calibrate",
     type=click.Choice(["auto", "lsq", "match", "tune", "none"]),
-    default="none",
+    default="auto",
     show_default=True,
     help="lsq: before merging, re-solve each member's factors on its own region so that the sum "
     "does on every member's probe inputs what that member alone does there (least squares on "
     "the base's activations; regions never change). tune: lsq, then a few steps of "
-    "distillation from each member alone through the whole composed model. auto: lsq when "
-    "every member has a probe set. none: the plain sum of deltas.",
+    "distillation from each member alone through the whole composed model (the best measured, "
+    "see the README). match: lsq against each member alone's module outputs, iterated. auto: "
+    "tune when every member has a probe set. none: the plain sum of deltas.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context

@@ -106,7 +106,7 @@ def _main_process() -> bool:
     "--holdout/--no-holdout",
     default=True,
     show_default=True,
-    help="With --register and no --probe: hold every tenth row of --data (at most 64) out of "
+    help="With --register and no --probe: hold every tenth row of --data (at most 256) out of "
     "training and store those rows as the probe set, for `compose` to calibrate and measure.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

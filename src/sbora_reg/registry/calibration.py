@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from sbora_reg.registry.store import Registry
 
 AUTO = "auto"
+DEFAULT = "tune"  # what auto applies: the best of benchmarks/interference.py (README table)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def held_out(examples: Sequence[Any]) -> list[Any]:
 def choose(
     registry: Registry, records: Sequence[AdapterRecord], method: str, allow_overlap: bool = False
 ) -> Calibration:
-    """Resolve ``method`` (``auto``: ``lsq`` when two or more disjoint members all have probe
+    """Resolve ``method`` (``auto``: ``tune`` when two or more disjoint members all have probe
     sets, else ``none`` with the reason); a named method must be possible."""
     from sbora_reg.sbora.calibrate import METHODS
 
@@ -91,7 +92,7 @@ def choose(
             "none: add one with `sbora-reg add DIR --probe FILE.jsonl`, or pass --calibrate none"
         )
     return Calibration(
-        "lsq" if method == AUTO else method,
+        DEFAULT if method == AUTO else method,
         probes={r.ref: str(r.probe_sha256) for r in records},
     )
 

@@ -466,7 +466,7 @@ def compose(
     measure: Mapping[str, str | Path] | None = None,
     measure_probes: bool = False,
     on_measure: Callable[[str], None] | None = None,
-    calibrate: str = "none",
+    calibrate: str = "auto",
     on_calibrate: Callable[[str], None] | None = None,
 ) -> ComposeResult:
     """Compose registered adapters onto ``base_dir`` and record the composition.

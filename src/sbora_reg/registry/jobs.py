@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from sbora_reg.sbora.training import TrainResult
 
 
-HOLDOUT_MAX = 64  # probe rows held out of the training data when no probe set is given
+HOLDOUT_MAX = 256  # probe rows held out of the training data when no probe set is given
 
 
 def train_and_register(

@@ -40,7 +40,9 @@ from sbora_reg.sbora.layer import is_adapter_param
 METHODS = ("none", "lsq", "match", "tune")
 MATCH_ROUNDS = 3
 RIDGE = 1e-8
-TUNE_STEPS, TUNE_LR, TUNE_BATCH = 30, 1e-3, 16
+PRIOR = 0.0  # ε of lsq: how strongly each factor is held to its trained value (measured best)
+MATCH_PRIOR = 1.0  # ε of match, which without it runs away from the data (measured)
+TUNE_STEPS, TUNE_LR, TUNE_BATCH = 60, 5e-4, 16  # chosen on benchmarks/interference.py
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,9 @@ def capture_moments(
 
 
 def calibrate(
-    adapters: Sequence[Adapter], moments: Sequence[Mapping[str, Moments]]
+    adapters: Sequence[Adapter],
+    moments: Sequence[Mapping[str, Moments]],
+    prior: float | None = None,
 ) -> list[Adapter]:
     """The members with their factors re-solved by ``lsq`` (see the module docstring).
 
@@ -113,23 +117,28 @@ def calibrate(
         if any(name not in m for m in moments):
             raise ConfigError(f"calibration has no inputs of module {name} for every task")
         grams = [m[name].gram for m in moments]
-        total = _ridged(sum(grams[1:], grams[0].clone()))
-        if cols is None:  # FB: A'_j (Σ G) = A_j G_j, member by member
+        total = sum(grams[1:], grams[0].clone())
+        weight = (PRIOR if prior is None else prior) * torch.diag(torch.diagonal(total))
+        system = _ridged(total + weight)
+        if cols is None:  # FB: A'_j (Σ G + εD) = A_j (G_j + εD), member by member
             for j in owners:
                 a = _factor(adapters[j].modules[name])
-                solved = torch.linalg.solve(total, grams[j] @ a.T.double()).T  # Σ G symmetric
+                solved = torch.linalg.solve(system, (grams[j] + weight) @ a.T.double()).T
                 out[j].modules[name].a = solved.to(a.dtype).contiguous()
             continue
-        # FA: [s_1 B'_1 … s_k B'_k] (Σ G) = Σ_i s_i B_i G_i[idx_i, :], in the frame of cols
+        # FA: S (Σ G + εD) = Σ_i s_i B_i G_i[idx_i, :] + ε T D in the frame of cols, with
+        # S = [s_1 B'_1 … s_k B'_k] and T the same of the members' own factors
         pos = {j: torch.searchsorted(cols, _indices(adapters[j].modules[name])) for j in owners}
-        rhs = sum(
-            adapters[j].modules[name].scale
-            * _factor(adapters[j].modules[name]).double()
-            @ grams[j][pos[j]]
-            for j in owners
-        )
-        assert isinstance(rhs, torch.Tensor)
-        stacked = torch.linalg.solve(total, rhs.T).T  # (out, c) = s·B' on every column
+        out_dim = adapters[owners[0]].modules[name].shape[0]
+        own = torch.zeros(out_dim, len(cols), dtype=torch.float64)
+        rhs = torch.zeros_like(own)
+        for j in owners:
+            module = adapters[j].modules[name]
+            part = module.scale * _factor(module).double()
+            own[:, pos[j]] = part
+            rhs += part @ grams[j][pos[j]]
+        rhs += own @ weight
+        stacked = torch.linalg.solve(system, rhs.T).T  # (out, c) = s·B' on every column
         for j in owners:
             module = out[j].modules[name]
             b = _factor(adapters[j].modules[name])
@@ -268,6 +277,7 @@ def match(
     *,
     start: Sequence[Adapter] | None = None,
     rounds: int = MATCH_ROUNDS,
+    prior: float = MATCH_PRIOR,
     batch_size: int = 16,
 ) -> list[Adapter]:
     """``lsq`` with the errors that compound through the layers taken into account.
@@ -283,8 +293,9 @@ def match(
     base with member i alone (same tokens, teacher forced) and each task weighted equally;
     closed form per module (``F (Σ G_i) = Σ E[(y_i − W0 x̃_i) x̃_i[c]ᵀ]``; FB: on the members'
     rows, with the whole input), all modules at once, then again from the new composition,
-    ``rounds`` times. With one member it returns the member. ``model`` (the plain base) is left
-    as it was.
+    ``rounds`` times; each solve is held near the factor it starts from by ``prior`` (ε, times
+    the moments' diagonal), without which the iteration runs away. With one member it returns
+    the member. ``model`` (the plain base) is left as it was.
     """
     from sbora_reg.sbora.model import apply_adapter, unload
 
@@ -309,9 +320,12 @@ def match(
             for name in names:
                 grams[name] = grams[name] + g[name] if name in grams else g[name]
                 cross[name] = cross[name] + r[name] if name in cross else r[name]
-        for name in names:
+        for name in names:  # F (Σ G + εD) = Σ R + ε F_now D: held near where it stands
             module = stacked.modules[name]
-            solved = torch.linalg.solve(_ridged(grams[name]), cross[name].T).T
+            now = module.factor.double()
+            weight = prior * torch.diagonal(grams[name])
+            rhs = cross[name] + now * weight  # (·, c) * (c,): F_now D
+            solved = torch.linalg.solve(_ridged(grams[name] + torch.diag(weight)), rhs.T).T
             if module.variant == "fa":
                 module.b = solved.float().contiguous()  # (out, c) = s·B on every column
             else:
