@@ -133,7 +133,8 @@ def test_probe_sets_are_stored_and_scored_by_eval_and_compose_measure(setup, tmp
     assert json.loads(added.stdout)["ref"] == "times7@1"
     assert json.loads(added.stdout)["probe_sha256"]
     assert runner.invoke(main, ["--db", db, "gc"]).exit_code == 0  # probe blobs are referenced
-    common = ["--db", db, "compose", "times3", "times7", "--base", str(tiny_lm_dir), "--json"]
+    common = ["--db", db, "compose", "times3", "times7", "--base", str(tiny_lm_dir), "--json",
+              "--calibrate", "none"]  # fmt: skip
     by_file = runner.invoke(main, [*common, "--out", str(tmp_path / "f"),
                                    "--eval", f"times3={d3}", "--eval", f"times7={d7}"])  # fmt: skip
     by_probe = runner.invoke(main, [*common, "--out", str(tmp_path / "p"), "--measure"])

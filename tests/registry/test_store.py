@@ -342,3 +342,19 @@ def test_region_table_matches_footprints(
     assert table.modules == expected.modules
     for field in ("out", "inn", "seg_adapter", "seg_module", "seg_variant", "seg_count", "keys"):
         np.testing.assert_array_equal(getattr(table, field), getattr(expected, field))
+
+
+def test_a_registry_path_under_a_file_is_one_error_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sbora_reg.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(main, ["--db", str(blocker / "sub" / "registry.db"), "list"])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.strip() == (
+        f"Error: cannot create the registry {blocker / 'sub' / 'registry.db'}: {blocker} is a "
+        "file, not a directory"
+    )
+    assert blocker.read_text() == "x"

@@ -104,7 +104,19 @@ class Database:
         self.busy_timeout_s = busy_timeout_s
         self.is_sqlite = location.sqlite_path is not None
         if location.sqlite_path is not None:
-            location.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                location.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a regular file where a directory must be, no permission
+                blocker = next(
+                    (p for p in location.sqlite_path.parents if p.exists() and not p.is_dir()),
+                    location.sqlite_path.parent,
+                )
+                why = "is a file, not a directory" if blocker.is_file() else f": {err.strerror}"
+                raise RegistryError(
+                    f"cannot create the registry {location.display}: {blocker} {why}".replace(
+                        " :", ":"
+                    )
+                ) from None
             self.engine = create_engine(location.url, connect_args={"timeout": busy_timeout_s})
             _setup_sqlite(self.engine, busy_timeout_s)
         else:
