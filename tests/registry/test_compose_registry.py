@@ -117,3 +117,28 @@ def test_refusals_write_and_record_nothing(world, tmp_path: Path) -> None:  # ty
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide"]
     with registry.read() as session:
         assert len(session.scalars(select(models.Composition)).all()) == before
+
+
+def test_gc_removes_temp_folders_of_dead_composes_beside_recorded_outputs(world, tmp_path):
+    """A compose killed mid-write leaves ``OUT.tmp-<pid>-*`` (and ``-old``) beside --out; gc
+    removes those of processes that no longer run, and never a live writer's."""
+    import os
+    import subprocess
+
+    registry, base, _ = world
+    out = tmp_path / "composed"
+    compose(registry, ["alpha", "beta"], base, out, "adapter", calibrate="none")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid no longer runs
+    left = [out.with_name(f"composed.tmp-{dead.pid}-abcd"), out.with_name(
+        f"composed.tmp-{dead.pid}-abcd-old")]  # fmt: skip
+    live = out.with_name(f"composed.tmp-{os.getpid()}-beef")
+    for path in (*left, live):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * 1000)
+    result = registry.gc()
+    assert result.temp_removed >= 2 and result.bytes_freed >= 2000
+    assert not any(p.exists() for p in left)
+    assert live.is_dir() and out.is_dir()  # a live writer's folder and the output stay
+    live.joinpath("model.safetensors").unlink()
+    live.rmdir()

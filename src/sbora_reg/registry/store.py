@@ -56,6 +56,7 @@ from sbora_reg.registry.records import (
     SchemaStatus,
 )
 from sbora_reg.registry.region_table import RegionTable
+from sbora_reg.sbora.files import stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -563,7 +564,8 @@ class Registry:
         return targets
 
     def gc(self) -> GcResult:
-        """Delete blobs no adapter references, and staging dirs left by killed processes."""
+        """Delete blobs no adapter references, staging dirs left by killed processes, and the
+        temp folders killed composes left beside every recorded output (a live one's stay)."""
         detached: builtins.list[tuple[str, Path]] = []
         with self.write() as session:
             referenced = set(session.scalars(select(m.Adapter.sha256).distinct()))
@@ -585,7 +587,12 @@ class Registry:
             freed += dir_size(path)
             shutil.rmtree(path, ignore_errors=True)
         stale = self.blobs.stale_temps()
+        with self.read() as session:  # what killed composes left beside recorded outputs
+            outputs = set(session.scalars(select(m.Composition.output_path).distinct()))
+        for out in sorted(o for o in outputs if o):
+            stale += stale_temps(Path(out).parent, Path(out).name)
         for path in stale:
+            freed += dir_size(path)
             shutil.rmtree(path, ignore_errors=True)
         return GcResult(sorted(doomed), freed, len(stale))
 
