@@ -71,6 +71,10 @@ class SchemaError(RegistryError):
     """The database schema is newer than this code, or otherwise unusable."""
 
 
+class CorruptBlobError(RegistryError):
+    """A stored file no longer hashes to the content hash it was stored under."""
+
+
 class DatabaseBusyError(RegistryError):
     """The database stayed locked by another writer past the busy timeout."""
 

@@ -186,3 +186,45 @@ def test_bad_tag_is_a_usage_error(db: str, base: Path, tmp_path: Path) -> None:
     make_adapter(tmp_path / "a", base)
     result = run(db, "add", str(tmp_path / "a"), "--tag", "novalue")
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_a_flipped_byte_in_a_stored_blob_is_named_and_never_merged(tmp_path, tiny_lm_dir):
+    """Corruption at rest: one byte of a stored adapter changed after add is caught by the next
+    command that reads it (compose, show --verify) with one Error line, and by verify."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from sbora_reg.cli import main
+    from sbora_reg.registry.store import Registry
+    from sbora_reg.sbora import SBoRAConfig, inject
+    from sbora_reg.sbora.model import extract
+    from sbora_reg.sbora.training import load_causal_lm
+
+    model = load_causal_lm(tiny_lm_dir)
+    inject(model, SBoRAConfig(variant="fa", r=2, alpha=4, target_modules=("q_proj",)))
+    extract(model).save(tmp_path / "a")
+    db = str(tmp_path / "reg.db")
+    runner = CliRunner()
+    assert runner.invoke(main, ["--db", db, "add", str(tmp_path / "a"), "--name", "a", "--base",
+                                str(tiny_lm_dir)]).exit_code == 0  # fmt: skip
+    ok = runner.invoke(main, ["--db", db, "verify", "--all", "--json"])
+    assert ok.exit_code == 0 and [r["ok"] for r in _json.loads(ok.stdout)] == [True]
+    with Registry.open(db) as reg:
+        blob = reg.blob_path(reg.resolve("a").sha256)
+    weights = blob / "sbora_adapter.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in the last factor value
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "composed"
+    for args in (["compose", "a", "--base", str(tiny_lm_dir), "--out", str(out)],
+                 ["show", "a", "--verify"]):  # fmt: skip
+        res = runner.invoke(main, ["--db", db, *args])
+        assert res.exit_code == 1, res.output
+        assert res.stderr.startswith("Error: the stored files of a@1") and "verify" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob("composed*"))
+    bad = runner.invoke(main, ["--db", db, "verify", "--all"])
+    assert bad.exit_code == 1 and "DAMAGED" in bad.stdout and "0 of 1 blobs ok" in bad.stdout
+    usage = runner.invoke(main, ["--db", db, "verify"])
+    assert usage.exit_code == 2

@@ -91,11 +91,16 @@ def _list_table(records: list[AdapterRecord]) -> Table:
 
 @main.command()
 @click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("--verify", "check", is_flag=True, help="Re-hash its stored files first.")
 @click.option("--json", "as_json", is_flag=True, help="Print exact JSON.")
 @click.pass_context
-def show(ctx: click.Context, ref: str, as_json: bool) -> None:
+def show(ctx: click.Context, ref: str, check: bool, as_json: bool) -> None:
     """Show one adapter version (latest by default) and the regions it touches per module."""
     with open_registry(ctx) as registry:
+        if check:
+            record = registry.resolve(ref)
+            registry.verified_blob(record.sha256, record.ref)
+            registry.probe_path(record)  # re-hashes the probe set when there is one
         detail = registry.show(ref)
     if as_json:
         echo_json(detail.to_json())
@@ -158,3 +163,27 @@ def gc(ctx: click.Context) -> None:
         f"freed {len(result.blobs_removed)} blob(s), {human_size(result.bytes_freed)}"
         + (f"; removed {result.temp_removed} stale temp dir(s)" if result.temp_removed else "")
     )
+
+
+@main.command()
+@click.argument("refs", nargs=-1, metavar="[NAME[@V]]...")
+@click.option("--all", "every", is_flag=True, help="Every version in the registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print one row per blob as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, refs: tuple[str, ...], every: bool, as_json: bool) -> None:
+    """Re-hash the stored files (adapter and probe set) of the named versions, or of --all, and
+    report each blob; exit 1 when any is damaged or missing."""
+    if bool(refs) == every:
+        raise click.UsageError("name the versions to verify, or pass --all")
+    with open_registry(ctx) as registry:
+        rows = registry.verify(None if every else list(refs))
+    bad = [r for r in rows if not r["ok"]]
+    if as_json:
+        echo_json(rows)
+    else:
+        for r in rows:
+            state = "ok" if r["ok"] else f"DAMAGED: {r['problem']}"
+            click.echo(f"{r['ref']:<24} {r['kind']:<10} {r['sha256'][:12]}  {state}")
+        click.echo(f"{len(rows) - len(bad)} of {len(rows)} blobs ok")
+    if bad:
+        raise click.exceptions.Exit(1)

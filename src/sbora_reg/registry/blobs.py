@@ -76,6 +76,17 @@ class BlobStore:
             return []
         return [p.name for p in self.root.iterdir() if not p.name.startswith(".")]
 
+    def content_sha256(self, sha256: str) -> str:
+        """The content hash of blob ``sha256``'s files as they are on disk now (streamed)."""
+        folder = self.path(sha256)
+        digest = ContentDigest()
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.start(path.name, path.stat().st_size)
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
     def stale_temps(self) -> list[Path]:
         """Staging dirs whose writing process no longer runs (killed mid-add)."""
         return stale_temps(self.root)

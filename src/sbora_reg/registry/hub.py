@@ -389,7 +389,7 @@ def local_blob(registry: Registry, record: AdapterRecord) -> Path:
     """
     path = registry.blobs.path(record.sha256)
     if path.is_dir():
-        return path
+        return registry.verified_blob(record.sha256, record.ref)  # re-hashed: never a bad byte
     with registry.read() as session:
         refs = hub_refs.listed(session, adapter_id=record.id)
     if not refs:

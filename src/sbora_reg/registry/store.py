@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from sbora_reg import migrations
 from sbora_reg.errors import (
+    CorruptBlobError,
     NotFoundError,
     RegistryError,
 )
@@ -492,7 +493,7 @@ class Registry:
         """The stored probe file of ``record`` (None when it has none)."""
         if record.probe_sha256 is None:
             return None
-        return self.blob_path(record.probe_sha256) / PROBE_FILE
+        return self.verified_blob(record.probe_sha256, f"{record.ref}'s probe set") / PROBE_FILE
 
     def by_id(self, adapter_id: int) -> AdapterRecord:
         """The adapter version with database id ``adapter_id``."""
@@ -546,6 +547,37 @@ class Registry:
         if not path.is_dir():
             raise NotFoundError(f"blob {sha256} is not in {self.blobs.root}")
         return path
+
+    def verified_blob(self, sha256: str, what: str) -> Path:
+        """``blob_path``, after re-hashing its files: ``CorruptBlobError`` naming ``what`` when
+        they changed on disk since they were stored (nothing reads a corrupt blob's bytes)."""
+        path = self.blob_path(sha256)
+        if self.blobs.content_sha256(sha256) != sha256:
+            raise CorruptBlobError(
+                f"the stored files of {what} ({path}) changed on disk after they were stored: "
+                "they no longer hash to their sha256; `sbora-reg verify --all` lists every "
+                "damaged blob; remove the version (`sbora-reg rm`) and add it again"
+            )
+        return path
+
+    def verify(self, refs: Sequence[str] | None = None) -> builtins.list[dict[str, Any]]:
+        """Re-hash the stored files of ``refs`` (every version when None), adapters and probe
+        sets: one row per blob with ``ok`` and, when not, ``problem``."""
+        records = self.list() if refs is None else [self.resolve(r) for r in refs]
+        rows = []
+        for record in records:
+            blobs = [("adapter", record.sha256)]
+            if record.probe_sha256:
+                blobs.append(("probe set", record.probe_sha256))
+            for kind, sha in blobs:
+                if not self.blobs.path(sha).is_dir():
+                    problem: str | None = "missing from the store"
+                else:
+                    found = self.blobs.content_sha256(sha)
+                    problem = None if found == sha else f"files hash to {found[:12]}"
+                rows.append({"ref": record.ref, "kind": kind, "sha256": sha,
+                             "ok": problem is None, "problem": problem})  # fmt: skip
+        return rows
 
     def _records(self, query: Any) -> builtins.list[AdapterRecord]:
         with self.db.translate_errors(), self.db.engine.connect() as conn:
