@@ -28,7 +28,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert report["overlap_cells"] == 0
     assert report["audit_changed"] > 0 and report["audit_unexplained"] == 0
     assert report["calibration"]["method"] != "none"
-    assert [row["skill"] for row in report["rows"]] == ["add@1", "sort@1", "last@1"]
+    assert [row["skill"] for row in report["rows"]] == ["last@1", "rev@1", "upper@1"]
     for row in report["rows"]:
         assert row["examples"] == 32
         for key in ("base", "alone", "composed"):

@@ -28,11 +28,11 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--skills",
-    default="add,sort,last",
+    default="last,rev,upper",
     show_default=True,
     help="Comma-separated skills to train and compose: add, sort, last, max, rev, upper.",
 )
-@click.option("--steps", type=click.IntRange(1), help="Training steps per skill [default: 100].")
+@click.option("--steps", type=click.IntRange(1), help="Training steps per skill [default: 80].")
 @click.option(
     "--rank",
     type=click.IntRange(1),
@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     help="How compose calibrates the members on their probe sets (see `compose --help`).",
 )
 @click.option(
-    "--quick", is_flag=True, help="A short run for CI: 20 steps per skill, fewer prompts."
+    "--quick",
+    is_flag=True,
+    help="A short run for CI (≤ 3 minutes): 20 steps per skill, fewer prompts, lsq calibration.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def demo(
