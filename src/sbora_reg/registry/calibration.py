@@ -60,11 +60,16 @@ def held_out(examples: Sequence[Any]) -> list[Any]:
 
 
 def choose(
-    registry: Registry, records: Sequence[AdapterRecord], method: str, allow_overlap: bool = False
+    registry: Registry,
+    loaded: Sequence[tuple[AdapterRecord, Member]],
+    method: str,
+    allow_overlap: bool = False,
 ) -> Calibration:
-    """Resolve ``method`` (``auto``: ``tune`` when two or more disjoint members all have probe
-    sets, else ``none`` with the reason); a named method must be possible."""
-    from sbora_reg.sbora.calibrate import METHODS
+    """Resolve ``method`` (``auto``: ``tune`` when two or more disjoint SBoRA members all have
+    probe sets, else ``none`` with the reason); a named method must be possible."""
+    from sbora_reg.sbora.calibrate import METHODS, region_columns
+
+    records = [r for r, _ in loaded]
 
     if method not in (AUTO, *METHODS):
         raise ConfigError(
@@ -72,6 +77,12 @@ def choose(
         )
     if method == "none":
         return Calibration("none")
+    try:
+        region_columns([m.adapter for _, m in loaded])
+    except ConfigError as exc:  # plain LoRA members, or FA and FB in one module
+        if method == AUTO:
+            return Calibration("none", str(exc))
+        raise
     if allow_overlap:
         if method == AUTO:
             return Calibration("none", "--allow-overlap: members share weights")
@@ -124,8 +135,9 @@ def calibrate_members(
     for record, _ in loaded:
         probe = registry.probe_path(record)
         assert probe is not None  # choose() checked
-        rows = calibration_rows(load_examples(probe))
-        if len(rows) < 1 or len(held_out(load_examples(probe))) < 1:
+        examples = load_examples(probe)
+        rows = calibration_rows(examples)
+        if not held_out(examples):
             raise ConfigError(
                 f"{record.ref}'s probe set has one row: calibration needs at least two (it "
                 "reads the even rows and leaves the odd ones for measurement)"

@@ -491,7 +491,7 @@ def compose(
                 f"{loaded[0][0].ref} and {record.ref} are registered on different base models: "
                 "compose members of one base only"
             )
-    chosen = choose(registry, [r for r, _ in loaded], calibrate, allow_overlap)
+    chosen = choose(registry, loaded, calibrate, allow_overlap)
     files = {r.ref: p for r, _ in loaded if (p := registry.probe_path(r))} if measure_probes else {}
     sets = eval_sets(registry, loaded, {**files, **(measure or {})})
     if chosen.applied:  # probe sets are measured on the rows calibration does not read
