@@ -473,9 +473,10 @@ def compose(
 
     ``refs`` are ``name`` (latest version) or ``name@version``; the options are those of
     ``compose_members``. The database is written once, after the output is in place, in one
-    short transaction. ``calibrate`` (``none``, ``lsq`` or ``auto``: ``lsq`` when every member
-    has a probe set; ``registry.calibration``) re-solves the members' factors on their probe
-    sets before merging (``on_calibrate(member)`` as each set is read); regions never change.
+    short transaction. ``calibrate`` (``none``, ``lsq``, ``match``, ``tune`` or ``auto``:
+    ``tune`` when every member has a probe set; ``registry.calibration``) re-solves the
+    members' factors on their probe sets before merging (``on_calibrate(member)`` as each set
+    is read); regions never change. A dry run reports the choice without calibrating.
     ``measure`` (``{member: JSONL file}``, read before anything is written) scores those members
     on the base, alone and composed into ``result.retention`` (``on_measure(member)`` as each
     starts); ``measure_probes`` adds every member's stored probe set (its held-out rows when

@@ -1,8 +1,9 @@
 """Jobs that span the method and the registry, as one call each.
 
-``train_and_register``: train an SBoRA adapter (``sbora.training.train_adapter``) and register
-what it wrote, consuming the reservation it was trained on. (Composing and measuring is
-``compose.compose(..., measure=...)``.)
+``train_and_register``: allocate a region from the registry when none is given, hold a probe
+set out of the data when none is given, train an SBoRA adapter (``sbora.training.train_adapter``)
+and register what it wrote with that probe set, consuming the reservation it was trained on.
+(Composing, calibrating and measuring is ``compose.compose(..., calibrate=, measure=)``.)
 """
 
 from __future__ import annotations

@@ -220,11 +220,7 @@ def tune(
             for ex in sets[i]:
                 teachers.append(_answer_logprobs(model, encode(tokenizer, [ex], device)))
             unload(model)
-    names = sorted({n for a in begin for n in a.modules})
-    stacked = Adapter(
-        begin[0].config,
-        {n: stack_modules(n, [a.modules[n] for a in begin if n in a.modules]) for n in names},
-    )
+    stacked = _stack(begin, sorted({n for a in begin for n in a.modules}))
     for p in model.parameters():
         p.requires_grad_(False)
     apply_adapter(model, stacked)
@@ -248,15 +244,7 @@ def tune(
         trained = extract(model)
     finally:
         unload(model)
-    out = [copy.deepcopy(a) for a in adapters]
-    for adapter in out:
-        for name, module in adapter.modules.items():
-            factor = unstack(trained.modules[name], module)
-            if module.variant == "fa":
-                module.b = factor
-            else:
-                module.a = factor
-    return out
+    return _unstack_all(trained, adapters)
 
 
 def _answer_logprobs(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
