@@ -139,8 +139,8 @@ def compose_cmd(
     ):
         task = bar.add_task("compose", total=None, tensor="")
 
-        def on_tensor(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, tensor=name)
+        def on_tensor(done: int, total: int, name: str) -> None:  # shown again after calibration
+            bar.update(task, completed=done, total=total, tensor=name, visible=True)
 
         def on_measure(member: str) -> None:
             bar.update(task, visible=False)
