@@ -152,30 +152,52 @@ def test_capture_moments_reads_real_tokens_only(tiny_lm_dir) -> None:
     assert torch.allclose(got.gram, x.T @ x / x.shape[0], rtol=1e-6, atol=1e-9)
 
 
+TUNED = ("q_proj", "up_proj")
+
+
+def _random_members(model, scale: float) -> list[Adapter]:
+    """Two FA adapters on disjoint columns of ``TUNED`` with random factors of size ``scale``."""
+    from sbora_reg.sbora import inject, unload
+    from sbora_reg.sbora.model import extract
+
+    members = []
+    names = [n for n, _ in model.named_modules() if n.endswith(TUNED)]
+    for seed, idx in ((1, [0, 1, 2, 3]), (2, [8, 9, 10, 11])):
+        cfg = SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=TUNED)
+        inject(model, cfg, indices={n: idx for n in names})
+        adapter = extract(model)
+        gen = torch.Generator().manual_seed(seed)
+        for module in adapter.modules.values():
+            module.b = scale * torch.randn(module.b.shape, generator=gen)
+        unload(model)
+        members.append(adapter)
+    return members
+
+
+def _stacked(adapters: list[Adapter]) -> Adapter:
+    """The adapters' sum as one adapter (what compose merges)."""
+    from sbora_reg.sbora.adapter import stack_modules
+
+    names = sorted({n for a in adapters for n in a.modules})
+    return Adapter(adapters[0].config, {
+        n: stack_modules(n, [a.modules[n] for a in adapters if n in a.modules]) for n in names
+    })  # fmt: skip
+
+
 def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
     tiny_lm_dir,
 ) -> None:
     """tune: KL(member alone ‖ composed) on the tasks' answer tokens goes down; indices, scales
     and the base model stay as they were."""
-    from sbora_reg.sbora import inject, sbora_layers, unload
-    from sbora_reg.sbora.adapter import stack_modules
+    from sbora_reg.sbora import sbora_layers, unload
     from sbora_reg.sbora.calibrate import _answer_logprobs, tune
-    from sbora_reg.sbora.model import apply_adapter, extract
+    from sbora_reg.sbora.model import apply_adapter
     from sbora_reg.sbora.training import encode
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    members = []
-    for seed, idx in ((1, [0, 1, 2, 3]), (2, [8, 9, 10, 11])):
-        cfg = SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=("q_proj", "up_proj"))
-        inject(model, cfg, indices={n: idx for n in _targets(model)})
-        gen = torch.Generator().manual_seed(seed)
-        adapter = extract(model)
-        for module in adapter.modules.values():
-            module.b = 0.3 * torch.randn(module.b.shape, generator=gen)
-        unload(model)
-        members.append(adapter)
+    members = _random_members(model, 0.3)
     sets = [
         [(f"{i}+{i}=", str(2 * i)) for i in range(6)],
         [(f"{i}*3=", str(3 * i)) for i in range(6)],
@@ -189,12 +211,7 @@ def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
                 apply_adapter(model, members[i])
                 teacher = _answer_logprobs(model, enc)
                 unload(model)
-                names = sorted({n for a in adapters for n in a.modules})
-                stacked = Adapter(adapters[0].config, {
-                    n: stack_modules(n, [a.modules[n] for a in adapters if n in a.modules])
-                    for n in names
-                })  # fmt: skip
-                apply_adapter(model, stacked)
+                apply_adapter(model, _stacked(adapters))
                 student = _answer_logprobs(model, enc)
                 unload(model)
             total += float((teacher.exp() * (teacher - student)).sum(-1).mean())
@@ -211,36 +228,20 @@ def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def _targets(model) -> list[str]:
-    return [n for n, _ in model.named_modules() if n.endswith(("q_proj", "up_proj"))]
-
-
 def test_match_returns_one_member_unchanged_and_reproduces_each_member_alone_better(
     tiny_lm_dir,
 ) -> None:
     """match: with one member, nothing changes (its target is its own output); with two, the
     composed model's outputs on each task move toward that member alone's (final logits)."""
-    from sbora_reg.sbora import inject, sbora_layers, unload
-    from sbora_reg.sbora.adapter import stack_modules
+    from sbora_reg.sbora import sbora_layers, unload
     from sbora_reg.sbora.calibrate import match
-    from sbora_reg.sbora.model import apply_adapter, extract
+    from sbora_reg.sbora.model import apply_adapter
     from sbora_reg.sbora.training import encode
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    members = []
-    targets = ("q_proj", "up_proj")
-    for seed, idx in ((1, [0, 1, 2, 3]), (2, [8, 9, 10, 11])):
-        cfg = SBoRAConfig(variant="fa", r=4, alpha=8, target_modules=targets)
-        names = [n for n, _ in model.named_modules() if n.endswith(targets)]
-        inject(model, cfg, indices={n: idx for n in names})
-        adapter = extract(model)
-        gen = torch.Generator().manual_seed(seed)
-        for module in adapter.modules.values():
-            module.b = 0.5 * torch.randn(module.b.shape, generator=gen)
-        unload(model)
-        members.append(adapter)
+    members = _random_members(model, 0.5)
     sets = [
         [(f"{i}+{i}=", str(2 * i)) for i in range(8)],
         [(f"{i}*3=", str(3 * i)) for i in range(8)],
@@ -251,16 +252,13 @@ def test_match_returns_one_member_unchanged_and_reproduces_each_member_alone_bet
         assert torch.allclose(module.b, b0, rtol=1e-4, atol=1e-5 * float(b0.abs().max()))
 
     def logits(adapters) -> list[torch.Tensor]:
-        names = sorted({n for a in adapters for n in a.modules})
-        stacked = Adapter(adapters[0].config, {
-            n: stack_modules(n, [a.modules[n] for a in adapters if n in a.modules]) for n in names
-        })  # fmt: skip
         out = []
         with torch.no_grad():
             for rows in sets:
                 enc = encode(tokenizer, rows, torch.device("cpu"))
-                out.append(apply_adapter(model, stacked)(**{k: enc[k] for k in ("input_ids",
-                           "attention_mask")}).logits)  # fmt: skip
+                model_ = apply_adapter(model, _stacked(adapters))
+                out.append(model_(input_ids=enc["input_ids"],
+                                  attention_mask=enc["attention_mask"]).logits)  # fmt: skip
                 unload(model)
         return out
 

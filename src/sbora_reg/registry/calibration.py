@@ -136,13 +136,12 @@ def calibrate_members(
         probe = registry.probe_path(record)
         assert probe is not None  # choose() checked
         examples = load_examples(probe)
-        rows = calibration_rows(examples)
-        if not held_out(examples):
+        if len(examples) < 2:
             raise ConfigError(
                 f"{record.ref}'s probe set has one row: calibration needs at least two (it "
                 "reads the even rows and leaves the odd ones for measurement)"
             )
-        sets.append(rows)
+        sets.append(calibration_rows(examples))
     adapters = [m.adapter for m in members]
     columns = region_columns(adapters)
     model, tokenizer = load_model(Path(base_dir), torch.float32, torch.device("cpu"))

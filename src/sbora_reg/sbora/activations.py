@@ -17,7 +17,7 @@ from torch import nn
 from sbora_reg.sbora.scoring import batches
 from sbora_reg.sbora.training import encode
 
-RowSink = Callable[[str, torch.Tensor], None]  # (module name, float32 rows (tokens, in))
+RowSink = Callable[[str, torch.Tensor], None]  # (module name, float32 rows (tokens, features))
 
 
 @torch.no_grad()
@@ -28,19 +28,27 @@ def module_inputs(
     modules: Sequence[str],
     sink: RowSink,
     batch_size: int = 16,
+    outputs: bool = False,
 ) -> int:
     """Feed ``examples`` through ``model``; ``sink(module, rows)`` for every named module and
-    batch, one row per non-padding token. Returns how many tokens were read."""
+    batch (in batch order), one row per non-padding token: the module's input, or with
+    ``outputs`` its output. Returns how many tokens were read."""
     mask: list[torch.Tensor] = []
 
     def hook(name: str) -> Any:
-        def grab(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
+        def grab(_module: nn.Module, args: tuple[torch.Tensor, ...], *out: torch.Tensor) -> None:
+            x = (out[0] if outputs else args[0]).detach()
             sink(name, x[mask[0]].reshape(-1, x.shape[-1]).float())
 
         return grab
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in modules]
+    def register(name: str) -> Any:
+        module = model.get_submodule(name)
+        if outputs:
+            return module.register_forward_hook(hook(name))
+        return module.register_forward_pre_hook(hook(name))
+
+    handles = [register(n) for n in modules]
     tokens = 0
     try:
         device = next(model.parameters()).device

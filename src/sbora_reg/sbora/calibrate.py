@@ -350,32 +350,14 @@ def _batches(
     return [encode(tokenizer, b, device) for b in batches(rows, batch_size)]
 
 
-@torch.no_grad()
 def _outputs(
     model: nn.Module, tokenizer: Any, rows: Sequence[Any], names: Sequence[str], batch_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Per batch, every named module's output rows (real tokens only)."""
-    device = next(model.parameters()).device
-    found: list[dict[str, torch.Tensor]] = []
-    mask: list[torch.Tensor] = []
-
-    def hook(name: str) -> Any:
-        def grab(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
-            found[-1][name] = out.detach()[mask[0]].double()
-
-        return grab
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        model.eval()
-        for enc in _batches(tokenizer, rows, batch_size, device):
-            mask[:] = [enc["attention_mask"].bool()]
-            found.append({})
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
+    found: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    module_inputs(model, tokenizer, rows, names, lambda n, r: found[n].append(r.double()),
+                  batch_size, outputs=True)  # fmt: skip
+    return [{n: found[n][b] for n in names} for b in range(len(found[names[0]]))]
 
 
 @torch.no_grad()
@@ -402,14 +384,13 @@ def _student_moments(
 
         return grab
 
-    def base_out(name: str) -> Any:
+    def base_out(name: str, rows_of: torch.Tensor) -> Any:
         def grab(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
             x = state.pop(name)
             target = state["teacher"][name] - out.detach()[state["mask"]].double()  # y − W0 x̃
-            layer = model.get_submodule(name)
             cols = columns[name]
             if cols is None:  # FB: the members' rows of the target, the whole input
-                target = target[:, layer.sbora_idx]
+                target = target[:, rows_of]
                 z = x
             else:
                 z = x[:, cols]
@@ -424,7 +405,7 @@ def _student_moments(
         layer = model.get_submodule(n)
         handles.append(layer.register_forward_pre_hook(pre(n)))
         inner = layer.get_submodule("base_layer")  # the plain layer inside the SBoRA wrapper
-        handles.append(inner.register_forward_hook(base_out(n)))
+        handles.append(inner.register_forward_hook(base_out(n, layer.get_buffer("sbora_idx"))))
     tokens = 0
     try:
         model.eval()
