@@ -16,6 +16,8 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sbora-reg-hf-home-")
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_TOKEN", None)
+# The per-directory fingerprint cache (sbora.fingerprint) of this run, not the user's.
+os.environ["SBORA_REG_CACHE"] = tempfile.mkdtemp(prefix="sbora-reg-cache-")
 
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402

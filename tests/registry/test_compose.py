@@ -212,12 +212,12 @@ def test_member_of_another_base_is_refused(llama: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_broken_base_shard_gives_error_and_no_output(tmp_path: Path, damage: str) -> None:
     base = save_llama(tmp_path / "base", shard="60KB")
+    a = make_adapter(base, {Q.format(0): ("fa", [1])}, 1)
     shard = sorted(base.glob("model-*.safetensors"))[1]
     if damage == "missing":
         shard.unlink()
     else:
         shard.write_bytes(shard.read_bytes()[:-100])
-    a = make_adapter(base, {Q.format(0): ("fa", [1])}, 1)
     with pytest.raises(AdapterFormatError, match=damage):
         compose_members(members(a), base, tmp_path / "out", command="test")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
