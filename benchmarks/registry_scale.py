@@ -47,12 +47,18 @@ def make_base(directory: Path) -> Path:
     return directory
 
 
-def synthetic(shapes: dict[str, tuple[int, int]], rng: np.random.Generator) -> AdapterSummary:
+def synthetic(
+    shapes: dict[str, tuple[int, int]], rng: np.random.Generator, variant: str = "fa"
+) -> AdapterSummary:
+    """One adapter on every target: RANK random columns (FA) or rows (FB) per module."""
     modules = {}
     for name, (out, inp) in shapes.items():
-        idx = np.sort(rng.choice(inp, size=RANK, replace=False)).astype(np.int64)
-        modules[name] = ModuleSummary("fa", "linear", (out, inp), idx)
-    return AdapterSummary("sbora", "fa", RANK, 2.0 * RANK, list(TARGETS), None, None, {}, modules)
+        dim = inp if variant == "fa" else out
+        idx = np.sort(rng.choice(dim, size=RANK, replace=False)).astype(np.int64)
+        modules[name] = ModuleSummary(variant, "linear", (out, inp), idx)
+    return AdapterSummary(
+        "sbora", variant, RANK, 2.0 * RANK, list(TARGETS), None, None, {}, modules
+    )
 
 
 def timed(fn, repeat: int = 5) -> tuple[float, float]:
@@ -74,6 +80,9 @@ def main() -> None:
         "--reuse",
         action="store_true",
         help="measure list/show/size on the registry already in --workdir (no adds)",
+    )
+    parser.add_argument(
+        "--mixed", action="store_true", help="every other adapter SBoRA-FB (rows) instead of FA"
     )
     args = parser.parse_args()
     if args.reuse and args.workdir is None:
@@ -100,7 +109,7 @@ def main() -> None:
     else:
         add_ms, add_cpu_ms = [], []
     for i in range(0 if args.reuse else args.n):
-        summary = synthetic(shapes, rng)
+        summary = synthetic(shapes, rng, "fb" if args.mixed and i % 2 else "fa")
         sha = hashlib.sha256(f"adapter-{i}".encode()).hexdigest()
         reg.blobs.path(sha).mkdir(parents=True, exist_ok=True)  # stands in for staged files
         start, cpu = time.perf_counter(), time.process_time()

@@ -148,6 +148,8 @@ def test_usage_errors_and_human_output(tmp_path: Path, tiny_lm_dir: Path) -> Non
     assert both.exit_code == 2 and "not both" in both.output
     task = runner.invoke(main, [*common, "--out", str(tmp_path / "o"), "--task", "t"])
     assert task.exit_code == 2 and "--register" in task.output
+    threads = runner.invoke(main, [*common, "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert threads.exit_code == 2 and "neither a positive number nor auto" in threads.output
     wrong = runner.invoke(main, [*common, "--out", str(tmp_path / "o"), "--targets", "nope"])
     assert wrong.exit_code == 1 and "matched no module" in wrong.stderr
     out = tmp_path / "fa"
@@ -165,6 +167,8 @@ def test_usage_errors_and_human_output(tmp_path: Path, tiny_lm_dir: Path) -> Non
             "2",
             "--batch-size",
             "4",
+            "--threads",
+            "1",
         ],
     )
     assert res.exit_code == 0, res.output

@@ -204,3 +204,37 @@ def test_indices_file_is_used_and_checked(tmp_path: Path, tiny_lm_dir: Path) -> 
     assert sorted(filled.target_modules) == sorted(names)
     with pytest.raises(ConfigError, match="--rank is 5"):
         training.config_for_indices(good, r=5)
+
+
+def test_threads_are_set_for_training_and_restored(
+    tmp_path: Path, tiny_lm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real = training.run_steps
+
+    def spy(*args: object, **kwargs: object) -> list[float]:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "run_steps", spy)
+    before = torch.get_num_threads()
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(8))
+    _train(tiny_lm_dir, data, tmp_path / "a", steps=1, threads=1)
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="at least 1"):
+        _train(tiny_lm_dir, data, tmp_path / "b", steps=1, threads=0)
+    assert not (tmp_path / "b").exists()
+
+
+def test_auto_threads_leave_the_busy_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = len(training.os.sched_getaffinity(0))
+    assert training._runnable_others() is not None  # Linux: /proc/loadavg parses
+    readings = iter([3, 1, 2, 5, 1])  # runnable others, sampled: the least counts
+    monkeypatch.setattr(training, "_runnable_others", lambda: next(readings))
+    assert training.auto_threads(interval=0) == max(1, cores - 1)
+    monkeypatch.setattr(training, "_runnable_others", lambda: 0)
+    assert training.auto_threads(interval=0) == cores
+    monkeypatch.setattr(training, "_runnable_others", lambda: 10 * cores)
+    assert training.auto_threads(interval=0) == 1
+    monkeypatch.setattr(training, "_runnable_others", lambda: None)  # no /proc: every core
+    assert training.auto_threads(interval=0) == cores

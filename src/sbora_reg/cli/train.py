@@ -21,6 +21,21 @@ def _main_process() -> bool:
     return is_main_process()
 
 
+def _threads(value: str) -> int | None:
+    """``--threads``: a positive number, or auto (``sbora.training.auto_threads``)."""
+    if value == "auto":
+        from sbora_reg.sbora.training import auto_threads
+
+        return auto_threads()
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise click.BadParameter(f"{value!r} is neither a positive number nor auto")
+    return threads
+
+
 @main.command()
 @click.option(
     "--base",
@@ -109,6 +124,15 @@ def _main_process() -> bool:
     help="With --register and no --probe: hold every tenth row of --data (at most 256) out of "
     "training and store those rows as the probe set, for `compose` to calibrate and measure.",
 )
+@click.option(
+    "--threads",
+    default="auto",
+    show_default=True,
+    callback=lambda _ctx, _param, value: _threads(value),
+    help="torch intra-op threads: a number, or auto (the cores not held by other runnable "
+    "processes at start; on a busy machine more threads than free cores make a step several "
+    "times slower).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def train(
@@ -133,6 +157,7 @@ def train(
     task: str | None,
     probe: Path | None,
     holdout: bool,
+    threads: int | None,
     as_json: bool,
 ) -> None:
     """Train an SBoRA adapter on a JSONL file; under torchrun, DDP over the processes."""
@@ -152,7 +177,7 @@ def train(
         "config": config, "indices": indices, "steps": steps, "epochs": epochs or 1,
         "batch_size": batch_size, "lr": lr, "seed": seed, "quantize": quantize,
         "dtype": torch.bfloat16 if bf16 else torch.float32,
-        "gradient_checkpointing": gradient_checkpointing,
+        "gradient_checkpointing": gradient_checkpointing, "threads": threads,
     }  # fmt: skip
     # the loss bar is for people: only on rank 0
     with progress("loss {task.fields[loss]}", hidden=not _main_process()) as bars:

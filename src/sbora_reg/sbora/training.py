@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,6 +213,55 @@ def run_steps(
     return losses
 
 
+# ---- threads --------------------------------------------------------------------------------
+
+
+def _runnable_others() -> int | None:
+    """Runnable tasks on the machine besides this one (``/proc/loadavg``), or None off Linux."""
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - 1)  # the reader itself is running
+
+
+def auto_threads(samples: int = 5, interval: float = 0.05) -> int:
+    """Intra-op threads for a training step: the cores this process may use, less those other
+    runnable tasks hold now (the least seen over ``samples`` reads, ``interval`` s apart).
+
+    Threads beyond the free cores make every op wait for a thread the scheduler has parked:
+    measured on 2 cores beside one busy process, a SmolLM2 step takes several times longer with
+    2 threads than with 1 (``benchmarks/train_threads.py``); on an idle machine all cores win.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    seen = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        others = _runnable_others()
+        if others is None:
+            return cores
+        seen.append(others)
+    return max(1, cores - min(seen))
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block, then the previous setting (None: as is)."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ConfigError(f"threads must be at least 1, not {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- distributed ----------------------------------------------------------------------------
 def world_info() -> tuple[int, int]:
     """(rank, world size) of this process: from torch.distributed or the torchrun env."""
@@ -393,6 +443,7 @@ def train_adapter(
     dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
     quantize: str | None = None,
+    threads: int | None = None,
     on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train an SBoRA adapter on ``base_dir`` and save it (atomically) to ``out_dir``.
@@ -402,6 +453,8 @@ def train_adapter(
     are averaged by DDP and only rank 0 writes ``out_dir``. Deterministic for a ``seed``.
     ``quantize`` (nf4 | fp4 | int8) trains on a bitsandbytes-quantised base (QSBoRA, see
     ``load_model``); the adapter stays in 16/32-bit and records how its base was quantised.
+    ``threads``: torch's intra-op threads while training (``auto_threads()`` picks them for the
+    machine's load; None leaves torch's setting alone).
     """
     if (steps is not None and steps < 1) or epochs < 1 or batch_size < 1:
         raise ConfigError("steps, epochs and batch_size must be positive")
@@ -409,7 +462,7 @@ def train_adapter(
         raise ConfigError(f"dtype must be float32 or bfloat16, not {dtype}")
     examples = list(data) if not isinstance(data, str | os.PathLike) else load_examples(data)
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    with _process_group() as (rank, world):
+    with intra_op_threads(threads), _process_group() as (rank, world):
         device = _device(world)
         torch.manual_seed(seed)  # adapter dropout
         model, tokenizer = load_model(base_dir, dtype, device, quantize)
