@@ -354,45 +354,56 @@ def _same_axis_pairs(
 ) -> np.ndarray:
     """(N, N) shared cells from FA/FA and FB/FB: every two entries with one key share w cells.
 
-    Keys held by few adapters are expanded into their pairs (chunked); keys held by more than
-    ``dense_group`` adapters (e.g. many adapters trained with the same default seed) go through
-    one float64 product ``X diag(w) X^T`` per block of keys instead, which costs the same
-    whatever the group size.
+    Block by block (one module, one variant: a contiguous run of entries whose keys are local
+    indices, so a 16-bit radix sort groups them), entries sharing an index are expanded into
+    their pairs; a shared column weighs ``out`` cells, a shared row ``in``. Pair codes of blocks
+    with one weight are counted together (one ``bincount`` per weight and ``chunk`` pairs).
+    Indices held by more than ``dense_group`` adapters (many adapters trained with one default
+    seed) go through one float64 product ``X X^T`` per ``dense_block`` of them instead, which
+    costs the same whatever the group size.
     """
     n = len(table.names)
     acc = np.zeros(n * n, dtype=np.float64)
-    if table.keys.size == 0:
-        return acc.reshape(n, n)
-    # Weight of a key: a shared column spans `out` cells, a shared row spans `in` cells.
-    weight = np.zeros(table.space_size, dtype=np.float64)
-    for m in range(len(table.modules)):
-        r0, c0 = table.row_offset[m], table.col_offset[m]
-        weight[r0 : r0 + table.out[m]] = table.inn[m]
-        weight[c0 : c0 + table.inn[m]] = table.out[m]
-    entry_adapter = np.repeat(table.seg_adapter, table.seg_count)
-    order = np.argsort(table.keys, kind="stable")
-    keys, owner = table.keys[order], entry_adapter[order]
-    # Entries sharing a key are contiguous; each pairs with the later ones of its group.
-    new_group = np.concatenate(([True], keys[1:] != keys[:-1]))
-    group_id = np.cumsum(new_group) - 1
-    group_first = np.flatnonzero(new_group)
-    group_end = np.append(group_first[1:], keys.size)
-    big = (group_end - group_first) > dense_group  # (G,)
-    if big.any():
-        _dense_groups(acc, n, owner, weight[keys], group_id, np.flatnonzero(big), dense_block)
-    later = np.where(big[group_id], 0, group_end[group_id] - np.arange(keys.size) - 1)
-    pos = np.flatnonzero(later)
-    later = later[pos]
-    bounds = np.searchsorted(np.cumsum(later), np.arange(chunk, later.sum() + chunk, chunk))
-    lo = 0
-    for hi in np.unique(np.append(bounds, pos.size)):
-        first_pos, cnt = pos[lo:hi], later[lo:hi]
-        if cnt.size:
-            first = np.repeat(first_pos, cnt)
-            step = np.arange(first.size) - np.repeat(np.cumsum(cnt) - cnt, cnt) + 1
-            pair = owner[first] * n + owner[first + step]
-            acc += np.bincount(pair, weights=weight[keys[first]], minlength=n * n)
-        lo = hi
+    pending: dict[int, list[np.ndarray]] = {}
+    sizes: dict[int, int] = {}
+
+    def flush(weight: int) -> None:
+        codes = np.concatenate(pending.pop(weight))
+        sizes.pop(weight)
+        acc[:] += weight * np.bincount(codes, minlength=n * n)
+
+    for m, code, e0, e1 in _blocks(table):
+        s0, s1 = int(table.block_start[3 * m + code]), int(table.block_start[3 * m + code + 1])
+        if s1 - s0 < 2:
+            continue
+        dim = int(table.inn[m] if code == FA else table.out[m])
+        weight = int(table.out[m] if code == FA else table.inn[m])
+        local = table.local[e0:e1]
+        order = np.argsort(local.astype(np.uint16) if dim <= 2**16 else local, kind="stable")
+        keys = local[order]
+        owner = np.repeat(table.seg_adapter[s0:s1], table.seg_count[s0:s1])[order]
+        new_group = np.concatenate(([True], keys[1:] != keys[:-1]))
+        group_first = np.flatnonzero(new_group)
+        group_size = np.diff(np.append(group_first, keys.size))
+        if group_size.max() < 2:
+            continue
+        group_id = np.cumsum(new_group) - 1
+        big = group_size > dense_group
+        if big.any():
+            _dense_groups(acc, n, owner, weight, group_id, np.flatnonzero(big), dense_block)
+        # each entry pairs with the later entries of its group (none in a dense group)
+        end = (group_first + group_size)[group_id]
+        later = np.where(big[group_id], 0, end - np.arange(keys.size) - 1)
+        pos = np.flatnonzero(later)
+        cnt = later[pos]
+        first = np.repeat(pos, cnt)
+        step = np.arange(first.size) - np.repeat(np.cumsum(cnt) - cnt, cnt) + 1
+        pending.setdefault(weight, []).append(owner[first] * n + owner[first + step])
+        sizes[weight] = sizes.get(weight, 0) + first.size
+        if sizes[weight] >= chunk:
+            flush(weight)
+    for weight in list(pending):
+        flush(weight)
     same = acc.reshape(n, n)
     return same + same.T
 
@@ -401,12 +412,13 @@ def _dense_groups(
     acc: np.ndarray,
     n: int,
     owner: np.ndarray,
-    entry_weight: np.ndarray,
+    weight: int,
     group_id: np.ndarray,
     big_groups: np.ndarray,
     block: int = 4096,
 ) -> None:
-    """Add the upper-triangle pair weights of the big key groups into ``acc`` (N*N, flat)."""
+    """Add ``weight`` x the upper-triangle pair counts of one block's big key groups into
+    ``acc`` (N*N, flat)."""
     column = np.full(int(group_id[-1]) + 1, -1, dtype=np.int64)
     for lo in range(0, big_groups.size, block):
         groups = big_groups[lo : lo + block]
@@ -414,10 +426,8 @@ def _dense_groups(
         sel = np.flatnonzero(column[group_id] >= 0)
         x = np.zeros((n, groups.size))  # (N, keys in block): adapter holds key
         x[owner[sel], column[group_id[sel]]] = 1.0
-        w = np.zeros(groups.size)
-        w[column[group_id[sel]]] = entry_weight[sel]
-        product = (x * w) @ x.T  # (N, N) symmetric, diagonal = own cells
-        acc += np.triu(product, k=1).reshape(-1)
+        product = x @ x.T  # (N, N) symmetric, diagonal = own keys
+        acc += weight * np.triu(product, k=1).reshape(-1)
         column[groups] = -1
 
 
@@ -432,14 +442,15 @@ def all_pairs(table: RegionTable) -> np.ndarray:
     for code, mat in count.items():
         sel = table.seg_variant == code
         mat[table.seg_adapter[sel], table.seg_module[sel]] = table.seg_count[sel]
-    cells = np.zeros((n, n_mod))
-    cells[table.seg_adapter, table.seg_module] = table._seg_cells()
-    is_lora = np.zeros((n, n_mod))
-    sel = table.seg_variant == LORA
-    is_lora[table.seg_adapter[sel], table.seg_module[sel]] = 1
-    full = (table.out * table.inn).astype(np.float64)
     cross = count[FA] @ count[FB].T  # our |C| x their |R|
-    lora = is_lora @ cells.T + cells @ is_lora.T - (is_lora * full) @ is_lora.T
-    total = _same_axis_pairs(table) + cross + cross.T + lora
+    total = _same_axis_pairs(table) + cross + cross.T
+    sel = table.seg_variant == LORA
+    if sel.any():  # a LoRA shares the other's every cell on its modules
+        cells = np.zeros((n, n_mod))
+        cells[table.seg_adapter, table.seg_module] = table._seg_cells()
+        is_lora = np.zeros((n, n_mod))
+        is_lora[table.seg_adapter[sel], table.seg_module[sel]] = 1
+        full = (table.out * table.inn).astype(np.float64)
+        total += is_lora @ cells.T + cells @ is_lora.T - (is_lora * full) @ is_lora.T
     np.fill_diagonal(total, 0)
     return np.rint(total).astype(np.int64)
