@@ -86,6 +86,11 @@ def test_against_all(world: dict) -> None:
     assert {p["b"] for p in data["pairs"]} == {"b@1", "e@1"}
     table = run(world, "overlap", "--against-all", "a")
     assert table.exit_code == 0 and "b@1" in table.output and "c@1" not in table.output
+    assert "2 overlapping" in table.output and "--limit 0" not in table.output
+    first = run(world, "overlap", "--against-all", "a", "--limit", "1")
+    most = max(data["pairs"], key=lambda p: p["shared_cells"])["b"]
+    assert first.exit_code == 0 and most in first.output and "the 1 sharing most" in first.output
+    assert ({"b@1", "e@1"} - {most}).pop() not in first.output
 
 
 def test_different_bases_are_not_compared(world: dict) -> None:

@@ -72,14 +72,18 @@ def test_region_table_refuses_corrupt_footprints(
         session.execute(update(m.Footprint).values(indices=b"\x01\x02\x03"))
     with pytest.raises(RegistryError, match="corrupt footprint"):
         registry.region_table(rec.base_fingerprint)
+    with pytest.raises(RegistryError, match="corrupt footprint"):
+        overlap_against_all(registry, rec.ref)
 
 
 def test_against_all_matches_pairwise_compare(
     registry: Registry, tiny_base: Path, tmp_path: Path
 ) -> None:
     refs = []
-    for i, variant in enumerate(["fa", "fa", "fb", "lora", "fa", "fb"]):
-        make_adapter(tmp_path / f"d{i}", tiny_base, variant, r=3, seed=10 + i)
+    kinds = [("fa", 3), ("fa", 3), ("fb", 3), ("lora", 3), ("fa", 3), ("fb", 3), ("fa", 5)]
+    kinds += [("fb", 2), ("fa", 3)]  # layouts: one group per (variant, rank), several rows each
+    for i, (variant, rank) in enumerate(kinds):
+        make_adapter(tmp_path / f"d{i}", tiny_base, variant, r=rank, seed=10 + i)
         refs.append(registry.add(tmp_path / f"d{i}", name=f"n{i}").ref)
     for ref in refs:
         report = overlap_against_all(registry, ref)
@@ -89,6 +93,8 @@ def test_against_all_matches_pairwise_compare(
         assert {p.b: p for p in report.overlaps} == {p.b: p for p in expected if p.overlaps}
         totals = [p.total for p in report.overlaps]
         assert totals == sorted(totals, reverse=True)
+        assert report.totals == [(p.b, p.total) for p in report.overlaps]
+        assert report.top(2) == report.overlaps[:2]
 
 
 def test_encode_decode_widths() -> None:

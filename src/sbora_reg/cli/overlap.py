@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from sbora_reg.registry.allocate import Allocation
     from sbora_reg.registry.overlap import PairOverlap
+    from sbora_reg.registry.overlap_queries import AgainstAll
 
 OVERLAP_EXIT = 3
 
@@ -45,6 +46,27 @@ def _pairs_table(pairs: Sequence[PairOverlap], title: str) -> Table:
     return table
 
 
+def _against_table(report: AgainstAll, limit: int) -> Table:
+    """The ``limit`` adapters sharing the most with the query (0: all), one row each."""
+    from rich.table import Table
+
+    shown = report.top(limit or None)
+    title = f"{report.query} vs {report.compared} adapters: {len(report.found)} overlapping"
+    if len(shown) < len(report.found):
+        title += f" (the {len(shown)} sharing most; --limit 0 or --json for all)"
+    table = Table(title=title)
+    for col in ("adapter", "shared cells", "modules", "most shared"):
+        table.add_column(col, overflow="fold", justify="right" if col != "most shared" else "left")
+    for p in shown:
+        most = sorted(p.modules.items(), key=lambda kv: -kv[1])[:3]
+        text = ", ".join(f"{module} {cells:,}" for module, cells in most)
+        more = len(p.modules) - len(most)
+        table.add_row(
+            p.b, f"[red]{p.total:,}[/]", str(len(p.modules)), text + (", ..." * bool(more))
+        )
+    return table
+
+
 @main.command()
 @click.argument("refs", nargs=-1)
 @click.option(
@@ -54,6 +76,13 @@ def _pairs_table(pairs: Sequence[PairOverlap], title: str) -> Table:
     help="Compare NAME with every other adapter on its base.",
 )
 @click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="With --against-all: list the adapters sharing most (0: all); --json lists all.",
+)
+@click.option(
     "--check",
     is_flag=True,
     help=f"Exit with status {OVERLAP_EXIT} when any two adapters share a weight.",
@@ -61,7 +90,12 @@ def _pairs_table(pairs: Sequence[PairOverlap], title: str) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def overlap(
-    ctx: click.Context, refs: tuple[str, ...], against: str | None, check: bool, as_json: bool
+    ctx: click.Context,
+    refs: tuple[str, ...],
+    against: str | None,
+    limit: int,
+    check: bool,
+    as_json: bool,
 ) -> None:
     """Shared weights of every pair of REFS (NAME or NAME@VERSION), per module and in total.
 
@@ -76,17 +110,18 @@ def overlap(
     with open_registry(ctx) as registry:
         if against:
             report = overlap_against_all(registry, against)
-            pairs, data = report.overlaps, report.to_json()
-            title = f"{report.query} vs {report.compared} adapters: {len(pairs)} overlapping"
+            found = bool(report.found)
+            if as_json:
+                echo_json({**report.to_json(), "overlap": found})
+            else:
+                console().print(_against_table(report, limit))
         else:
             pairs = overlap_refs(registry, refs)
-            data = {"pairs": [p.to_json() for p in pairs]}
-            title = "Shared weights"
-    found = any(p.overlaps for p in pairs)
-    if as_json:
-        echo_json({**data, "overlap": found})
-    else:
-        console().print(_pairs_table(pairs, title))
+            found = any(p.overlaps for p in pairs)
+            if as_json:
+                echo_json({"pairs": [p.to_json() for p in pairs], "overlap": found})
+            else:
+                console().print(_pairs_table(pairs, "Shared weights"))
     if check and found:
         sys.exit(OVERLAP_EXIT)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sbora_reg.errors import RegistryError
-from sbora_reg.sbora.cells import LORA, VARIANT_CODES
+from sbora_reg.sbora.cells import FA, LORA, VARIANT_CODES, touched
 
 _DTYPES: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _ID = np.dtype("<i4")
@@ -154,3 +154,102 @@ def _flat(blobs: Sequence[Any], widths: np.ndarray, row_entries: np.ndarray) -> 
         shift = np.repeat(row_start[sel] - (np.cumsum(group) - group), group)
         flat[np.arange(values.size) + shift] = values
     return flat
+
+
+# --- one query against every row -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryModule:
+    """The query's region on one base module: variant code, sorted indices, module shape."""
+
+    code: int
+    indices: np.ndarray
+    out: int
+    inn: int
+
+    @property
+    def cells(self) -> int:
+        return int(touched(self.code, self.out, self.inn, self.indices.size))
+
+
+@dataclass(frozen=True)
+class RowShares:
+    """Shared cells of one query with every footprint row: ``totals[i]`` for row ``i``, and per
+    layout group the ``(rows, segments)`` matrix of shares with the segments' module ids."""
+
+    totals: np.ndarray  # (R,) int64
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (row positions, module ids, shares)
+
+    def modules(self, row: int) -> dict[int, int]:
+        """Module id -> shared cells of row ``row`` (only modules with a share)."""
+        for rows, module_ids, shares in self.groups:
+            at = np.searchsorted(rows, row)
+            if at < rows.size and rows[at] == row:
+                hit = np.flatnonzero(shares[at])
+                return dict(zip(module_ids[hit].tolist(), shares[at, hit].tolist(), strict=True))
+        return {}
+
+
+def shares_against(
+    query: dict[int, QueryModule], shapes: dict[int, tuple[int, int]], rows: Sequence[Any]
+) -> RowShares:
+    """Cells each row of ``(modules, variants, counts, width, indices)`` shares with ``query``.
+
+    The numbers of ``overlap.compare``: FA/FA ``out·|C1∩C2|``, FB/FB ``|R1∩R2|·in``, FA/FB
+    ``|R|·|C|``, against a LoRA the other side's cells. Rows are grouped by layout (the usual
+    registry has one per variant and rank); within a group every row's segment j lies at the same
+    offsets, so the same-axis term is one bitmap gather per module over all the group's rows,
+    read in place (no reordering into a region table), and a module the query does not touch
+    costs nothing. ``shapes``: module id -> (out, in) of every module the rows use.
+    """
+    totals = np.zeros(len(rows), dtype=np.int64)
+    by_layout: dict[tuple[Any, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        key = (bytes(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))
+        by_layout.setdefault(key, []).append(i)
+    bitmaps: dict[int, np.ndarray] = {}
+    groups = []
+    for (mods_b, variants_b, counts_b, width), members in by_layout.items():
+        blobs = [rows[i][4] for i in members]
+        entries = len(blobs[0]) // width if width in _DTYPES else -1
+        layout = _decode_rows([(mods_b, variants_b, counts_b, width, blobs[0])])
+        if any(len(b) != len(blobs[0]) for b in blobs) or layout.counts.sum() != entries:
+            raise _corrupt()
+        mat = np.frombuffer(b"".join(blobs), dtype=_DTYPES[width]).reshape(len(members), -1)
+        starts = np.concatenate(([0], np.cumsum(layout.counts)))
+        shares = np.zeros((len(members), layout.counts.size), dtype=np.int64)
+        for j, (mid, code, count) in enumerate(
+            zip(layout.module_ids.tolist(), layout.variants.tolist(), layout.counts.tolist(),
+                strict=True)
+        ):  # fmt: skip
+            q = query.get(mid)
+            if q is None:
+                continue
+            if mid not in shapes:
+                raise _corrupt()
+            out, inn = shapes[mid]
+            if q.code == LORA:  # every cell of the query: the row's own cells
+                shares[:, j] = int(touched(code, out, inn, count))
+            elif code == LORA:  # the row touches every cell: the query's cells
+                shares[:, j] = q.cells
+            elif code != q.code:  # FA x FB: |R| x |C|
+                shares[:, j] = q.indices.size * count
+            elif count:
+                dim = inn if code == FA else out
+                bitmap = bitmaps.get(mid)
+                if bitmap is None:
+                    # 16-bit rows index a 2^16 bitmap: no bounds check per block (validated
+                    # when stored; a stray index still reads False, never another module)
+                    bitmap = np.zeros(max(dim, 2**16 if width == 2 else dim), dtype=bool)
+                    bitmap[q.indices] = True
+                    bitmaps[mid] = bitmap
+                block = mat[:, starts[j] : starts[j + 1]]
+                if width != 2 and block.size and int(block.max()) >= dim:
+                    raise _corrupt()
+                hits = np.count_nonzero(bitmap[block], axis=1)
+                shares[:, j] = hits * (out if code == FA else inn)
+        positions = np.asarray(members, dtype=np.int64)
+        totals[positions] = shares.sum(axis=1)
+        groups.append((positions, layout.module_ids, shares))
+    return RowShares(totals, groups)

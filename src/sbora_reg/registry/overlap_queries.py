@@ -1,32 +1,66 @@
 """Overlap of registered adapters: footprints read from the registry, compared by ``overlap``
-(a few adapters, per pair) or a ``RegionTable`` (one adapter against every other on its base)."""
+(a few adapters, per pair) or ``footprints.shares_against`` (one adapter against every other on
+its base, straight from the packed footprint rows)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from sbora_reg.registry.overlap import Footprint, PairOverlap, compare_all
-from sbora_reg.registry.region_table import pairs_against
+import numpy as np
+
+from sbora_reg.registry import footprints
+from sbora_reg.registry.overlap import Footprint, PairOverlap, compare_all, variant_code
 
 if TYPE_CHECKING:
     from sbora_reg.registry.store import Registry
 
 
 @dataclass(frozen=True)
+class _Found:
+    """One overlapping adapter: its ref, shared cells and where to read its per-module shares."""
+
+    name: str
+    total: int
+    shares: footprints.RowShares
+    row: int
+    module_names: dict[int, str]
+
+
+@dataclass
 class AgainstAll:
-    """One adapter against every other adapter on its base: only the overlapping pairs listed."""
+    """One adapter against every other adapter on its base: only the overlapping ones, most
+    shared cells first. ``totals`` is computed for all at once; the per-module breakdown of a
+    pair (``overlaps``, ``top``, ``to_json``) is read out only when asked for."""
 
     query: str
     compared: int
-    overlaps: list[PairOverlap]
+    found: list[_Found] = field(default_factory=list)
+
+    @property
+    def totals(self) -> list[tuple[str, int]]:
+        """``(ref, shared cells)`` of every overlapping adapter, most shared first."""
+        return [(f.name, f.total) for f in self.found]
+
+    def top(self, k: int | None) -> list[PairOverlap]:
+        """The ``k`` pairs sharing the most cells (all with None), per module."""
+        return [self._pair(f) for f in self.found[:k]]
+
+    @cached_property
+    def overlaps(self) -> list[PairOverlap]:
+        return self.top(None)
+
+    def _pair(self, f: _Found) -> PairOverlap:
+        per_module = {f.module_names[mid]: cells for mid, cells in f.shares.modules(f.row).items()}
+        return PairOverlap(self.query, f.name, True, dict(sorted(per_module.items())))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "query": self.query,
             "compared": self.compared,
-            "overlapping": len(self.overlaps),
+            "overlapping": len(self.found),
             "pairs": [p.to_json() for p in self.overlaps],
         }
 
@@ -43,17 +77,35 @@ def overlap_refs(registry: Registry, refs: Sequence[str]) -> list[PairOverlap]:
 
 
 def overlap_against_all(registry: Registry, ref: str) -> AgainstAll:
-    """``ref`` against every other adapter on its base, vectorised; details for the overlaps.
+    """``ref`` against every other adapter on its base, from the packed footprint rows.
 
     Every base record with the adapter's fingerprint counts (one architecture registered twice).
+    Adapters named like the query are left out; nothing is compared across base models.
     """
     query = footprint(registry, ref)
-    compared, pairs = 0, []
+    report = AgainstAll(query.name, 0)
     for base in registry.bases():
         if base.fingerprint != query.base:
             continue
-        table = registry.region_table(base)
-        compared += sum(1 for name in table.names if name != query.name)
-        pairs += pairs_against(query, table)
-    pairs.sort(key=lambda p: -p.total)
-    return AgainstAll(query.name, compared, pairs)
+        by_id = {mod.id: mod for mod in base.modules.values()}
+        wanted = {}
+        for name, region in query.regions.items():
+            mod = base.modules.get(name)
+            if mod is not None and tuple(mod.shape) == tuple(region.shape):
+                indices = np.asarray(region.indices, dtype=np.int64)
+                wanted[mod.id] = footprints.QueryModule(
+                    variant_code(region), indices, int(mod.shape[0]), int(mod.shape[1])
+                )
+        refs, rows = registry.footprint_rows(base)
+        names: list[str | None] = [refs.get(row[0]) for row in rows]
+        shapes = {i: (int(mod.shape[0]), int(mod.shape[1])) for i, mod in by_id.items()}
+        shares = footprints.shares_against(wanted, shapes, [row[1:] for row in rows])
+        module_names = {i: mod.name for i, mod in by_id.items()}
+        report.compared += sum(1 for name in names if name != query.name)
+        hit = np.flatnonzero(shares.totals)
+        for i in hit.tolist():
+            other = names[i]
+            if other is not None and other != query.name:
+                report.found.append(_Found(other, int(shares.totals[i]), shares, i, module_names))
+    report.found.sort(key=lambda f: -f.total)
+    return report

@@ -231,19 +231,27 @@ def packed_to_regions(packed: Packed) -> dict[int, dict[str, Region]]:
     return out
 
 
+def fetch_footprint_rows(conn: Connection, base_id: int) -> list[Any]:
+    """``(adapter id, modules, variants, counts, width, indices)`` of every adapter on a base,
+    in id order (one packed row each, see ``footprints``)."""
+    f = m.Footprint.__table__.c
+    return _raw_rows(
+        conn,
+        select(f.adapter_id, f.modules, f.variants, f.counts, f.width, f.indices)
+        # IN, not a join: SQLite then walks the primary key in order instead of sorting blobs
+        .where(f.adapter_id.in_(select(_A.id).where(_A.base_id == base_id)))
+        .order_by(f.adapter_id),
+    )
+
+
 def fetch_region_table(conn: Connection, base_id: int, fingerprint: str) -> RegionTable:
     """``overlap.RegionTable`` of every adapter on a base (names are refs), from footprints.
 
     One row per adapter; the segments are decoded and renumbered with whole-array numpy only.
     """
-    f, bm = m.Footprint.__table__.c, m.BaseModule.__table__.c
+    bm = m.BaseModule.__table__.c
     refs = fetch_refs(conn, base_id)
-    rows = conn.execute(
-        select(f.adapter_id, f.modules, f.variants, f.counts, f.width, f.indices)
-        # IN, not a join: SQLite then walks the primary key in order instead of sorting blobs
-        .where(f.adapter_id.in_(select(_A.id).where(_A.base_id == base_id)))
-        .order_by(f.adapter_id)
-    ).all()
+    rows = fetch_footprint_rows(conn, base_id)
     decoded = footprints.decode([row[1:] for row in rows])
     ref_ids = np.fromiter(refs, dtype=np.int64, count=len(refs))  # increasing
     row_pos = np.searchsorted(ref_ids, np.array([row[0] for row in rows], dtype=np.int64))

@@ -537,6 +537,12 @@ class Registry:
         with self.db.translate_errors(), self.db.engine.connect() as conn:
             return q.fetch_region_table(conn, base_rec.id, base_rec.fingerprint)
 
+    def footprint_rows(self, base: BaseRecord) -> tuple[dict[int, str], builtins.list[Any]]:
+        """Adapter id -> ref, and the packed footprint rows of every adapter on ``base``
+        (``queries.fetch_footprint_rows``), read in one transaction."""
+        with self.db.translate_errors(), self.db.engine.connect() as conn:
+            return q.fetch_refs(conn, base.id), q.fetch_footprint_rows(conn, base.id)
+
     def _refs_on_base(self, base: BaseRecord) -> dict[int, str]:
         with self.db.translate_errors(), self.db.engine.connect() as conn:
             return q.fetch_refs(conn, base.id)
