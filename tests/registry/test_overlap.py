@@ -9,6 +9,7 @@ from tests import tiny
 from transformers import GPT2LMHeadModel
 
 from sbora_reg.errors import FingerprintMismatchError, OverlapError, ShapeMismatchError
+from sbora_reg.registry import footprints
 from sbora_reg.registry.overlap import (
     Footprint,
     Region,
@@ -18,8 +19,9 @@ from sbora_reg.registry.overlap import (
     ensure_disjoint,
     shared_cells,
     touched_cells,
+    variant_code,
 )
-from sbora_reg.registry.region_table import RegionTable, all_pairs, one_vs_many, pairs_against
+from sbora_reg.registry.region_table import RegionTable, all_pairs, one_vs_many
 from sbora_reg.sbora.fingerprint import module_table
 
 SHAPE = (6, 10)  # (out, in): not square, so rows and columns cannot be confused
@@ -288,19 +290,36 @@ def test_from_arrays_reorders_fixed_rank_segments() -> None:
         np.testing.assert_array_equal(one_vs_many(fp, table).totals, expected)
 
 
-def test_pairs_against_matches_pairwise_reports() -> None:
+def test_shares_against_rows_match_pairwise_reports() -> None:
+    """``footprints.shares_against`` on packed rows (mixed variants, ranks and LoRA) gives every
+    pair's per-module shares exactly as ``compare``."""
     rng = np.random.default_rng(5)
     modules = {"l0.q": (6, 10), "l0.v": (4, 10), "l1.q": (6, 10), "l1.o": (10, 5)}
     fps = _random_footprints(rng, 20, modules)
-    table = RegionTable.from_footprints(fps)
+    ids = {name: 10 + i for i, name in enumerate(sorted(modules))}
+    shapes = {ids[n]: s for n, s in modules.items()}
+    fields = ("modules", "variants", "counts", "width", "indices")
+    rows = []
+    for fp in fps:
+        packed = footprints.encode(
+            [(ids[n], r.variant, None if r.variant == "lora" else r.indices)
+             for n, r in fp.regions.items()]
+        )  # fmt: skip
+        rows.append(tuple(packed[k] for k in fields))
+    names = {i: n for n, i in ids.items()}
     for query in fps[:6]:
-        expected = [compare(query, other) for other in fps if other is not query]
-        got = {p.b: p for p in pairs_against(query, table)}
-        assert query.name not in got
-        assert got == {p.b: p for p in expected if p.overlaps}
-        assert all(list(p.modules) == sorted(p.modules) for p in got.values())
-    other_base = Footprint("x", "another", fps[0].regions)
-    assert pairs_against(other_base, table) == []
+        wanted = {
+            ids[n]: footprints.QueryModule(variant_code(r), np.asarray(r.indices), *r.shape)
+            for n, r in query.regions.items()
+        }
+        shares = footprints.shares_against(wanted, shapes, rows)
+        for i, other in enumerate(fps):
+            if other is query:
+                continue
+            expected = compare(query, other)
+            assert shares.totals[i] == expected.total, other.name
+            got = {names[mid]: cells for mid, cells in shares.modules(i).items()}
+            assert got == dict(expected.modules)
 
 
 @pytest.mark.parametrize("rank", [3, 4])  # rows of 6 and 8 bytes: both word sizes of the mover

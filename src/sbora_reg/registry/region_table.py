@@ -1,7 +1,7 @@
 """Overlap of thousands of adapters at once: their regions packed into flat numpy arrays.
 
 A ``RegionTable`` holds every (adapter, module) region of one base as a *segment*, sorted by
-(module, variant, adapter), so that ``one_vs_many`` (a bitmap gather), ``pairs_against`` and
+(module, variant, adapter), so that ``one_vs_many`` (a bitmap gather) and
 ``all_pairs`` (pairs of entries sharing an index) run without Python loops over adapters or
 modules. The numbers are those of ``overlap.compare`` pair by pair (tested against it).
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sbora_reg.errors import FingerprintMismatchError, ShapeMismatchError
-from sbora_reg.registry.overlap import Footprint, PairOverlap, variant_code
+from sbora_reg.registry.overlap import Footprint, variant_code
 from sbora_reg.sbora.cells import FA, FB, LORA, touched
 
 
@@ -279,35 +279,6 @@ def one_vs_many(query: Footprint, table: RegionTable) -> ManyOverlap:
     shared = _segment_shares(query, table)
     totals = np.bincount(table.seg_adapter, weights=shared, minlength=n)
     return ManyOverlap(query.name, table.names, np.rint(totals).astype(np.int64), True)
-
-
-def pairs_against(query: Footprint, table: RegionTable) -> list[PairOverlap]:
-    """Per-module reports of ``query`` with each adapter of ``table`` it shares weights with.
-
-    The same numbers as ``compare`` pair by pair, from one vectorised pass: segments with a
-    share are grouped by adapter (module names in order) and only then turned into dicts.
-    Adapters named like the query are left out; nothing is compared across base models.
-    """
-    if query.base != table.base:
-        return []
-    shared = _segment_shares(query, table)  # (S,)
-    hit = np.flatnonzero(shared)
-    # Segments are in (module, variant, adapter) order and an adapter has one segment per
-    # module, so a stable sort by adapter leaves each adapter's modules in name order.
-    owners = table.seg_adapter[hit]
-    small = len(table.names) < 2**16  # 16-bit keys: numpy's stable sort is a radix sort
-    hit = hit[np.argsort(owners.astype(np.uint16) if small else owners, kind="stable")]
-    owner = table.seg_adapter[hit]
-    first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1]))).tolist()
-    modules = np.array(table.modules, dtype=object)[table.seg_module[hit]].tolist()
-    cells = shared[hit].tolist()
-    reports = []
-    for start, end in zip(first, [*first[1:], hit.size], strict=True):
-        name = table.names[int(owner[start])]
-        if name != query.name:
-            per_module = dict(zip(modules[start:end], cells[start:end], strict=True))
-            reports.append(PairOverlap(query.name, name, True, per_module))
-    return reports
 
 
 def _segment_shares(query: Footprint, table: RegionTable) -> np.ndarray:
