@@ -216,7 +216,7 @@ def shares_against(
         layout = _decode_rows([(mods_b, variants_b, counts_b, width, blobs[0])])
         if any(len(b) != len(blobs[0]) for b in blobs) or layout.counts.sum() != entries:
             raise _corrupt()
-        mat = np.frombuffer(b"".join(blobs), dtype=_DTYPES[width]).reshape(len(members), -1)
+        mat: np.ndarray | None = None  # joined only if a module needs the same-axis gather
         starts = np.concatenate(([0], np.cumsum(layout.counts)))
         shares = np.zeros((len(members), layout.counts.size), dtype=np.int64)
         for j, (mid, code, count) in enumerate(
@@ -244,6 +244,9 @@ def shares_against(
                     bitmap = np.zeros(max(dim, 2**16 if width == 2 else dim), dtype=bool)
                     bitmap[q.indices] = True
                     bitmaps[mid] = bitmap
+                if mat is None:
+                    mat = np.frombuffer(b"".join(blobs), dtype=_DTYPES[width])
+                    mat = mat.reshape(len(members), -1)
                 block = mat[:, starts[j] : starts[j + 1]]
                 if width != 2 and block.size and int(block.max()) >= dim:
                     raise _corrupt()
