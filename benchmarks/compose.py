@@ -42,14 +42,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
-from transformers import LlamaConfig
-
-from sbora_reg.registry.checkpoint import INDEX_NAME, OutSpec, plan_shards, shard_names
-from sbora_reg.sbora import Adapter, AdapterModule, SBoRAConfig
-from sbora_reg.sbora.fingerprint import dir_fingerprint, dir_module_table
+# Each child imports only what its operation needs (the process figure counts imports), so the
+# set-up's torch/transformers imports live inside the functions that build bases and members.
+if TYPE_CHECKING:
+    from sbora_reg.sbora import Adapter
 
 RANK = 32
 OPS = ("copy", "durable", "compose", "peft")
@@ -79,6 +77,12 @@ def _reset_peak() -> bool:
 
 def make_base(folder: Path, size_gb: float) -> tuple[int, int]:
     """Write a bf16 Llama-shaped checkpoint of ``size_gb``; returns (bytes, largest tensor)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from sbora_reg.registry.checkpoint import INDEX_NAME, OutSpec, plan_shards, shard_names
+
     hidden = 2048 if size_gb >= 1 else 1024
     inter, vocab = int(hidden * 2.75), 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
@@ -117,6 +121,11 @@ def make_base(folder: Path, size_gb: float) -> tuple[int, int]:
 
 def make_members(base: Path) -> list[Adapter]:
     """Four disjoint members: FA on attention columns, FB on MLP rows."""
+    import torch
+
+    from sbora_reg.sbora import Adapter, AdapterModule, SBoRAConfig
+    from sbora_reg.sbora.fingerprint import dir_fingerprint, dir_module_table
+
     table, fingerprint = dir_module_table(base), dir_fingerprint(base)
     g = torch.Generator().manual_seed(1)
     members = []
@@ -138,6 +147,11 @@ def make_members(base: Path) -> list[Adapter]:
 
 def make_smol_members(base: Path) -> list[Adapter]:
     """Three FA members on q,k,v,up,down, each on its own 16 columns (small trained-like B)."""
+    import torch
+
+    from sbora_reg.sbora import Adapter, AdapterModule, SBoRAConfig
+    from sbora_reg.sbora.fingerprint import dir_fingerprint, dir_module_table
+
     table, fingerprint = dir_module_table(base), dir_fingerprint(base)
     g = torch.Generator().manual_seed(1)
     members = []
@@ -180,6 +194,7 @@ def child(op: str, base: Path, out: Path, members: list[Path]) -> None:
     """Run one operation in this process and print its wall time and RSS as JSON."""
     if op == "compose":
         from sbora_reg.registry.compose import Member, compose_members
+        from sbora_reg.sbora import Adapter
     if op == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
