@@ -238,3 +238,21 @@ def test_auto_threads_leave_the_busy_cores(monkeypatch: pytest.MonkeyPatch) -> N
     assert training.auto_threads(interval=0) == 1
     monkeypatch.setattr(training, "_runnable_others", lambda: None)  # no /proc: every core
     assert training.auto_threads(interval=0) == cores
+
+
+def test_auto_threads_follow_the_load(
+    tmp_path: Path, tiny_lm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under threads="auto" the load is read at the start and every THREADS_RECHECK_STEPS."""
+    readings = iter([2, 1])  # idle at the start, another job has started by step 10
+    monkeypatch.setattr(training, "auto_threads", lambda *_a, **_k: next(readings))
+    seen: list[int] = []
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(8))
+    before = torch.get_num_threads()
+    steps = training.THREADS_RECHECK_STEPS
+    _train(
+        tiny_lm_dir, data, tmp_path / "a", steps=steps, threads="auto",
+        on_step=lambda *_: seen.append(torch.get_num_threads()),
+    )  # fmt: skip
+    assert seen == [2] * (steps - 1) + [1]
+    assert torch.get_num_threads() == before

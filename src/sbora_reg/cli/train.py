@@ -21,12 +21,10 @@ def _main_process() -> bool:
     return is_main_process()
 
 
-def _threads(value: str) -> int | None:
+def _threads(value: str) -> int | str:
     """``--threads``: a positive number, or auto (``sbora.training.auto_threads``)."""
     if value == "auto":
-        from sbora_reg.sbora.training import auto_threads
-
-        return auto_threads()
+        return value
     try:
         threads = int(value)
     except ValueError:
@@ -129,9 +127,9 @@ def _threads(value: str) -> int | None:
     default="auto",
     show_default=True,
     callback=lambda _ctx, _param, value: _threads(value),
-    help="torch intra-op threads: a number, or auto (the cores not held by other runnable "
-    "processes at start; on a busy machine more threads than free cores make a step several "
-    "times slower).",
+    help="torch intra-op threads: a number, or auto (the cores other runnable processes do not "
+    "hold, read at the start and every 10 steps: on a busy machine more threads than free "
+    "cores make a step several times slower).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
@@ -157,7 +155,7 @@ def train(
     task: str | None,
     probe: Path | None,
     holdout: bool,
-    threads: int | None,
+    threads: int | str,
     as_json: bool,
 ) -> None:
     """Train an SBoRA adapter on a JSONL file; under torchrun, DDP over the processes."""

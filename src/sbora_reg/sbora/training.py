@@ -246,20 +246,43 @@ def auto_threads(samples: int = 5, interval: float = 0.05) -> int:
     return max(1, cores - min(seen))
 
 
+THREADS_RECHECK_STEPS = 10  # under threads="auto", the load is read again every this many steps
+
+
 @contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the block, then the previous setting (None: as is)."""
+def intra_op_threads(threads: int | str | None) -> Iterator[None]:
+    """Torch's intra-op threads for the block, then the previous setting: a number, ``"auto"``
+    (``auto_threads()`` now; ``follow_load`` adjusts it as the load changes) or None (as is)."""
     if threads is None:
         yield
         return
-    if threads < 1:
-        raise ConfigError(f"threads must be at least 1, not {threads}")
+    if threads == "auto":
+        threads = auto_threads()
+    if not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a number of at least 1 or 'auto', not {threads!r}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def follow_load(on_step: StepHook | None) -> StepHook:
+    """``on_step``, after re-reading the machine's load every ``THREADS_RECHECK_STEPS`` steps
+    and setting the intra-op threads to ``auto_threads()`` (another job may have started or
+    ended since training began)."""
+
+    def hook(step: int, total: int, loss: float) -> None:
+        if (step + 1) % THREADS_RECHECK_STEPS == 0:
+            threads = auto_threads(samples=3, interval=0.02)
+            if threads != torch.get_num_threads():
+                log.info("intra-op threads %d -> %d (load)", torch.get_num_threads(), threads)
+                torch.set_num_threads(threads)
+        if on_step is not None:
+            on_step(step, total, loss)
+
+    return hook
 
 
 # ---- distributed ----------------------------------------------------------------------------
@@ -443,7 +466,7 @@ def train_adapter(
     dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
     quantize: str | None = None,
-    threads: int | None = None,
+    threads: int | str | None = None,
     on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train an SBoRA adapter on ``base_dir`` and save it (atomically) to ``out_dir``.
@@ -453,8 +476,9 @@ def train_adapter(
     are averaged by DDP and only rank 0 writes ``out_dir``. Deterministic for a ``seed``.
     ``quantize`` (nf4 | fp4 | int8) trains on a bitsandbytes-quantised base (QSBoRA, see
     ``load_model``); the adapter stays in 16/32-bit and records how its base was quantised.
-    ``threads``: torch's intra-op threads while training (``auto_threads()`` picks them for the
-    machine's load; None leaves torch's setting alone).
+    ``threads``: torch's intra-op threads while training: a number, ``"auto"`` (the cores other
+    runnable processes do not hold, read at the start and every ``THREADS_RECHECK_STEPS``
+    steps) or None (torch's setting).
     """
     if (steps is not None and steps < 1) or epochs < 1 or batch_size < 1:
         raise ConfigError("steps, epochs and batch_size must be positive")
@@ -487,7 +511,8 @@ def train_adapter(
                 batch = encode(tokenizer, [examples[i] for i in mine], device)
                 yield {**batch, "weight": torch.tensor(weight)} if weight != 1.0 else batch
 
-        losses = run_steps(trained, batches(), steps=len(plan), lr=lr, on_step=on_step)
+        hook = follow_load(on_step) if threads == "auto" else on_step
+        losses = run_steps(trained, batches(), steps=len(plan), lr=lr, on_step=hook)
         adapter = sbora.extract(model)
         adapter.base_model = str(base_dir)
         if rank == 0:
