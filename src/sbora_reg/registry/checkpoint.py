@@ -41,6 +41,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
+_HASH_CHUNK = 1 << 20  # bytes per read-back while hashing (stays in cache between read and hash)
 _copy_file_range = getattr(os, "copy_file_range", None)  # Linux only; plain reads elsewhere
 
 DTYPES: dict[str, torch.dtype] = {
@@ -228,6 +229,7 @@ class _Hasher:
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sbora-sha256")
+        self.buffer = memoryview(bytearray(_HASH_CHUNK))  # used by the one worker, in order
         self._job: Future[None] | None = None
 
     def feed(self, job: Callable[[Any], None]) -> None:
@@ -259,15 +261,21 @@ class _Hasher:
         self._pool.shutdown(cancel_futures=True)
 
 
-def _hash_range(path: Path, start: int, end: int) -> Callable[[Any], None]:
+def _hash_range(path: Path, start: int, end: int, buffer: memoryview) -> Callable[[Any], None]:
+    """A hasher job: bytes ``start:end`` of ``path`` read back through ``buffer`` (the page
+    cache still holds them; one reused buffer costs no page faults, a fresh map of the file
+    per tensor cost one per page)."""
+
     def job(sha: Any) -> None:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)  # slices of it are not copies
-            try:
-                for pos in range(start, end, _COPY_CHUNK):
-                    sha.update(view[pos : min(end, pos + _COPY_CHUNK)])
-            finally:
-                view.release()
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                n = f.readinto(buffer[: min(left, len(buffer))])
+                if not n:
+                    raise InternalError(f"internal: {path} is shorter than what was written")
+                sha.update(buffer[:n])
+                left -= n
 
     return job
 
@@ -340,7 +348,7 @@ class ShardWriter:
         self._f.seek(0, os.SEEK_END)
         if patch is not None and entry.nbytes:
             self._patch(start, entry, patch)
-        self._hasher.feed(_hash_range(self.path, start, start + entry.nbytes))
+        self._hasher.feed(_hash_range(self.path, start, start + entry.nbytes, self._hasher.buffer))
 
     def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:
         done = 0
