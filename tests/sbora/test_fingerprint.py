@@ -126,3 +126,13 @@ def test_unreadable_headers_are_one_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").unlink()
     with pytest.raises(AdapterFormatError, match="no config.json"):
         fp.dir_module_table(tmp_path)
+
+
+def test_config_that_disagrees_with_the_weights_decides(tmp_path: Path) -> None:
+    """A config declaring more layers than the weights hold builds the model it declares."""
+    LlamaForCausalLM(tiny.llama("l32")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    assert fp.header_module_table(tmp_path) is None
+    deeper = fp.module_table(LlamaForCausalLM(tiny.llama("l32", num_hidden_layers=3)))
+    assert fp.dir_module_table(tmp_path) == deeper

@@ -168,6 +168,10 @@ def header_module_table(path: str | Path) -> Table | None:
     tokens = [s for n, (k, s) in table.items() if n.rpartition(".")[2] in _TOKEN_EMBEDDINGS]
     if len(body) != 1 or len(tokens) != 1:
         return None  # a checkpoint without the causal LM's prefix, or an unknown embedding
+    layers = {next((p for p in n.split(".") if p.isdigit()), None) for n in table} - {None}
+    declared = config.get("num_hidden_layers", config.get("n_layer"))
+    if declared is not None and len(layers) != declared:
+        return None  # weights and config disagree: the model is what the config builds
     table.setdefault(_HEAD, ("linear", tokens[0]))  # a tied head is not stored
     return table
 
