@@ -41,6 +41,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
+_SYNC_EVERY = 64 << 20  # bytes written between background fdatasyncs of a shard
 _HASH_CHUNK = 1 << 20  # bytes per read-back while hashing (stays in cache between read and hash)
 _copy_file_range = getattr(os, "copy_file_range", None)  # Linux only; plain reads elsewhere
 
@@ -306,12 +307,30 @@ class ShardWriter:
         self._f: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed in close()/abort()
         self._buffers = [bytearray(), bytearray()]  # patch_in_memory's, used in turn
         self._turn = 0
+        # Written bytes reach the disk while the rest is written (fdatasync on a worker every
+        # _SYNC_EVERY bytes), so the fsync that close() waits for has little left to do.
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sbora-fsync")
+        self._sync_job: Future[None] | None = None
+        self._synced = 0
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data: Any) -> None:
         """Write a bytes-like object; it must stay unchanged until hashed (the next write)."""
         self._f.write(data)
         self._hasher.feed(lambda sha: sha.update(data))
+
+    def _start_sync(self) -> None:
+        """Start writing what is written so far back to disk, unless that is already under way."""
+        end = self._f.tell()
+        if end - self._synced >= _SYNC_EVERY and (self._sync_job is None or self._sync_job.done()):
+            self._f.flush()
+            self._synced = end
+            self._sync_job = self._syncer.submit(os.fdatasync, self._f.fileno())
+
+    def _stop_sync(self) -> None:
+        if self._sync_job is not None:
+            self._sync_job.result()
+        self._syncer.shutdown()
 
     def _next(self, name: str, nbytes: int) -> None:
         """Check the next planned tensor is ``name`` of ``nbytes`` bytes, then mark it written."""
@@ -332,6 +351,7 @@ class ShardWriter:
         self._next(name, tensor.numel() * tensor.element_size())
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         self._write(memoryview(flat.numpy()))  # type: ignore[arg-type]
+        self._start_sync()
 
     def copy_raw(
         self, name: str, entry: TensorEntry, patch: Callable[[torch.Tensor], None] | None = None
@@ -351,6 +371,7 @@ class ShardWriter:
         if patch is not None and entry.nbytes:
             self._patch(start, entry, patch)
         self._hasher.feed(_hash_range(self.path, start, start + entry.nbytes, self._hasher.buffer))
+        self._start_sync()
 
     def patch_in_memory(
         self, name: str, entry: TensorEntry, patch: Callable[[torch.Tensor], None]
@@ -380,6 +401,7 @@ class ShardWriter:
             count = entry.nbytes // dtype.itemsize
             patch(torch.frombuffer(view, dtype=dtype, count=count).reshape(entry.shape))
         self._write(view)
+        self._start_sync()
 
     def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:
         done = 0
@@ -423,6 +445,7 @@ class ShardWriter:
         self._f.flush()
 
         def sync_and_close() -> None:
+            self._stop_sync()
             os.fsync(self._f.fileno())
             self._f.close()
 
@@ -430,6 +453,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._hasher.abort()
+        with contextlib.suppress(OSError):
+            self._stop_sync()
         self._f.close()
 
 
