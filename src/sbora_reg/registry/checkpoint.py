@@ -305,8 +305,6 @@ class ShardWriter:
         self._hasher = _Hasher()
         # Read-write: copied tensors are patched in place through a shared memory map.
         self._f: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed in close()/abort()
-        self._buffers = [bytearray(), bytearray()]  # patch_in_memory's, used in turn
-        self._turn = 0
         # Written bytes reach the disk while the rest is written (fdatasync on a worker every
         # _SYNC_EVERY bytes), so the fsync that close() waits for has little left to do.
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sbora-fsync")
@@ -371,36 +369,6 @@ class ShardWriter:
         if patch is not None and entry.nbytes:
             self._patch(start, entry, patch)
         self._hasher.feed(_hash_range(self.path, start, start + entry.nbytes, self._hasher.buffer))
-        self._start_sync()
-
-    def patch_in_memory(
-        self, name: str, entry: TensorEntry, patch: Callable[[torch.Tensor], None]
-    ) -> None:
-        """Write the next planned tensor as ``patch`` changes it, in memory.
-
-        For updates that reach every stored row (columns of a row-major weight): patching a map
-        of the output would fault in every page of the tensor one at a time, where one read into
-        a reused buffer and one write cost two copies. The two buffers are used in turn, so the
-        hasher (one tensor behind at most) never reads a buffer being refilled.
-        """
-        self._next(name, entry.nbytes)
-        if len(self._buffers[self._turn]) < entry.nbytes:
-            self._buffers[self._turn] = bytearray(entry.nbytes)
-        view = memoryview(self._buffers[self._turn])[: entry.nbytes]
-        self._turn ^= 1
-        with open(entry.file, "rb", buffering=0) as src:
-            src.seek(entry.start)
-            done = 0
-            while done < entry.nbytes:
-                n = src.readinto(view[done:])
-                if not n:
-                    raise AdapterFormatError(f"{entry.file} ended early while reading {entry.name}")
-                done += n
-        if entry.nbytes:
-            dtype = DTYPES[entry.dtype]
-            count = entry.nbytes // dtype.itemsize
-            patch(torch.frombuffer(view, dtype=dtype, count=count).reshape(entry.shape))
-        self._write(view)
         self._start_sync()
 
     def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:

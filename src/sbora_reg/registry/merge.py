@@ -157,20 +157,11 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _every_row(mods: Sequence[AdapterModule]) -> bool:
-    """Does the update reach every row of the weight as stored? (FA columns of an (out, in)
-    weight, FB rows of a Conv1D's (in, out) one, a LoRA.)"""
-    return any((m.variant == "fa") != (m.kind == "conv1d") or m.variant == "lora" for m in mods)
-
-
 def _write_one(
     writer: ShardWriter, spec: OutSpec, entry: TensorEntry, mods: list[AdapterModule] | None
 ) -> None:
-    """One output tensor: a kernel copy (patched in place when touched, or patched in memory
-    when the update reaches every stored row) or a cast."""
-    if spec.dtype == entry.dtype and mods and _every_row(mods):
-        writer.patch_in_memory(spec.name, entry, partial(merge_in_place, modules=mods))
-    elif spec.dtype == entry.dtype:
+    """One output tensor: a kernel copy (patched in place when touched) or a cast."""
+    if spec.dtype == entry.dtype:
         writer.copy_raw(spec.name, entry, partial(merge_in_place, modules=mods) if mods else None)
     elif mods:
         writer.write_tensor(spec.name, merge_tensor(read_tensor(entry), mods, DTYPES[spec.dtype]))
