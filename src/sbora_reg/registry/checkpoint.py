@@ -17,6 +17,7 @@ with spaces to 8 bytes, then the tensors back to back in header order.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -42,6 +43,7 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
 _SYNC_EVERY = 64 << 20  # bytes written between background fdatasyncs of a shard
+_HASH_QUEUE = 4  # read-back hash jobs that may wait for the hasher at once
 _HASH_CHUNK = 1 << 20  # bytes per read-back while hashing (stays in cache between read and hash)
 _copy_file_range = getattr(os, "copy_file_range", None)  # Linux only; plain reads elsewhere
 
@@ -231,26 +233,27 @@ class _Hasher:
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sbora-sha256")
         self.buffer = memoryview(bytearray(_HASH_CHUNK))  # used by the one worker, in order
-        self._job: Future[None] | None = None
+        self._jobs: collections.deque[Future[None]] = collections.deque()
 
-    def feed(self, job: Callable[[Any], None]) -> None:
-        """Run ``job(sha)`` after the previous one (at most one in flight bounds memory)."""
-        self.wait()
-        self._job = self._pool.submit(job, self._sha)
+    def feed(self, job: Callable[[Any], None], holds_data: bool = True) -> None:
+        """Run ``job(sha)`` after the ones before it. A job holding data to hash waits for every
+        earlier job first (one tensor in memory at most); jobs that read a file back may queue
+        ``_HASH_QUEUE`` deep, so a burst of quick kernel copies does not wait for the hash."""
+        while self._jobs and (holds_data or len(self._jobs) >= _HASH_QUEUE):
+            self._jobs.popleft().result()
+        self._jobs.append(self._pool.submit(job, self._sha))
 
     def wait(self) -> None:
-        if self._job is not None:
-            job, self._job = self._job, None
-            job.result()
+        while self._jobs:
+            self._jobs.popleft().result()
 
     def finish(self, last: Callable[[], None]) -> Future[str]:
         """Run ``last()`` after every job, then give the digest; the caller does not wait."""
-
-        previous, self._job = self._job, None
+        previous, self._jobs = list(self._jobs), collections.deque()
 
         def job() -> str:
-            if previous is not None:
-                previous.result()  # done already (one worker, in order); re-raises its error
+            for earlier in previous:
+                earlier.result()  # done already (one worker, in order); re-raises its error
             last()
             return self._sha.hexdigest()
 
@@ -368,7 +371,8 @@ class ShardWriter:
         self._f.seek(0, os.SEEK_END)
         if patch is not None and entry.nbytes:
             self._patch(start, entry, patch)
-        self._hasher.feed(_hash_range(self.path, start, start + entry.nbytes, self._hasher.buffer))
+        job = _hash_range(self.path, start, start + entry.nbytes, self._hasher.buffer)
+        self._hasher.feed(job, holds_data=False)
         self._start_sync()
 
     def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:
