@@ -6,6 +6,7 @@ Checked in a fresh interpreter, since this test process may already hold it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,34 @@ def test_read_commands_import_neither_torch_nor_transformers(
         )
         assert done.returncode == 0, (label, done.stderr)
         assert json.loads(done.stdout.strip().splitlines()[-1]) == [], label
+
+
+def test_compose_and_base_registration_never_import_transformers(
+    tmp_path: Path, tiny_lm_dir: Path
+) -> None:
+    """The base's fingerprint comes from its safetensors headers: registering a base and
+    composing onto it build no model, so transformers (seconds to import) stays out."""
+    from sbora_reg.registry import Registry
+
+    make_adapter(tmp_path / "a", tiny_lm_dir, "fa", seed=1, targets=("q_proj",))
+    db = str(tmp_path / "reg.db")
+    with Registry.open(db):  # created and migrated here, not in the commands
+        pass
+    base = str(tiny_lm_dir)
+    commands = {
+        "base add": ["--db", db, "base", "add", base],
+        "add": ["--db", db, "add", str(tmp_path / "a"), "--name", "a", "--base", base],
+        "compose": ["--db", db, "compose", "a", "--base", base, "--out", str(tmp_path / "o")],
+    }
+    for label, args in commands.items():
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "SBORA_REG_CACHE": str(tmp_path / "cache")},  # nothing cached
+        )
+        assert done.returncode == 0, (label, done.stderr)
+        imported = json.loads(done.stdout.strip().splitlines()[-1])
+        assert "transformers" not in imported and "peft" not in imported, (label, imported)
+    assert (tmp_path / "o" / "model.safetensors").is_file()
