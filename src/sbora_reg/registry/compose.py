@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from sbora_reg import __version__
+from sbora_reg import __version__, faults
 from sbora_reg.errors import ConfigError, FingerprintMismatchError, OverlapError, ShapeMismatchError
 from sbora_reg.registry import models
 from sbora_reg.registry.checkpoint import (
@@ -486,6 +486,7 @@ def compose(
     from sbora_reg.registry.retention import eval_sets
 
     loaded = load_members(registry, refs)
+    faults.point("compose.loaded")
     for record, _ in loaded:
         if record.base_fingerprint != loaded[0][0].base_fingerprint:
             raise FingerprintMismatchError(
@@ -516,6 +517,7 @@ def compose(
     )  # fmt: skip
     if result.dry_run:
         return result
+    faults.point("compose.record")
     with registry.write() as session:
         row = models.Composition(
             base_id=base.id,

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from sbora_reg import migrations
+from sbora_reg import faults, migrations
 from sbora_reg.errors import (
     CorruptBlobError,
     NotFoundError,
@@ -614,6 +614,7 @@ class Registry:
                     detached.append((sha, moved))
             if doomed & recorded:
                 session.execute(delete(m.Blob).where(m.Blob.sha256.in_(doomed & recorded)))
+        faults.point("gc.remove")
         freed = 0
         for _sha, path in detached:
             freed += dir_size(path)

@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from sbora_reg import faults
+
 TMP_MARK = ".tmp-"
 
 
@@ -116,11 +118,14 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_for(target)
     try:
+        faults.point("out.staged")
         yield tmp
+        faults.point("out.rename")
         old = None
         if target.is_dir() and (replace or not any(target.iterdir())):
             old = Path(f"{tmp}-old")  # a temp name too: stale_temps finds it if we are killed
             os.rename(target, old)
+            faults.point("out.swap")
         os.rename(tmp, target)  # fails on an existing non-empty target: nothing is lost
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
