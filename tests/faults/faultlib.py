@@ -78,12 +78,14 @@ def run_killed(db: Path | str, *args: str, event: str, **kwargs: Any) -> None:
 
 def wait_stalled(proc: subprocess.Popen[str], fault_dir: Path, event: str) -> Path:
     """Wait until ``proc`` stands at ``event`` (its flag file exists); return the flag."""
-    flag = fault_dir / event
+    flag = fault_dir / event.partition("#")[0]
     deadline = time.monotonic() + TIMEOUT_S
     while not flag.exists():
         if proc.poll() is not None:
             raise AssertionError(f"exited {proc.returncode} before {event}: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, f"never reached {event}"
+        if time.monotonic() > deadline:
+            kill(proc)
+            raise AssertionError(f"never reached {event}")
         time.sleep(0.02)
     return flag
 
@@ -125,7 +127,17 @@ def tables(db: Path | str) -> dict[str, list[tuple]]:
             r[0]
             for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")
         ]
-        return {n: sorted(map(tuple, conn.execute(f'SELECT * FROM "{n}"')), key=repr) for n in names}
+        return {
+            n: sorted(map(tuple, conn.execute(f'SELECT * FROM "{n}"')), key=repr) for n in names
+        }
+    finally:
+        conn.close()
+
+
+def query(db: Path | str, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
 
