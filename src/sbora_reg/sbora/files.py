@@ -112,10 +112,13 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
 
     On any exception the temp folder is removed, so an interrupted write never leaves a folder
     that looks finished. An existing ``target`` is an error unless ``replace`` (an empty one is
-    always replaced): it is moved aside, then removed once the new one is in place.
+    always replaced): it is moved aside, then removed once the new one is in place. Temp
+    folders that killed writers of ``target`` left beside it are removed first.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temps(target.parent, target.name):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_dir_for(target)
     try:
         faults.point("out.staged")
