@@ -7,6 +7,8 @@
   target, fsynced, renamed into place; a killed process leaves no half-written target.
 - Temp folders are named ``<target>.tmp-<pid>-<random>``: ``stale_temps`` finds those whose
   writer no longer runs (and only those), for ``gc`` and the next write to the same target.
+- A write that finds no room (``NO_ROOM``: full disk or quota, file-size limit) is one
+  ``OutputError`` (``no_room_is_an_error``), its temp files removed.
 
 Torch free: the registry hashes and stages files without importing torch.
 """
@@ -14,6 +16,7 @@ Torch free: the registry hashes and stages files without importing torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -23,8 +26,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from sbora_reg import faults
+from sbora_reg.errors import OutputError
 
 TMP_MARK = ".tmp-"
+# A full disk, a full quota, a file-size limit (RLIMIT_FSIZE): writing needs room, not a fix.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class ContentDigest:
@@ -107,6 +113,20 @@ def stale_temps(folder: Path, stem: str = "") -> list[Path]:
 
 
 @contextlib.contextmanager
+def no_room_is_an_error(where: Path) -> Iterator[None]:
+    """Turn "no space left" / "file too large" while writing ``where`` into one OutputError."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_ROOM:
+            raise
+        raise OutputError(
+            f"no room to write {where}: {err.strerror}; free disk space (or raise the file size "
+            "limit) and retry"
+        ) from None
+
+
+@contextlib.contextmanager
 def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``target`` that becomes ``target`` only if the block succeeds.
 
@@ -119,19 +139,20 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_temps(target.parent, target.name):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = temp_dir_for(target)
-    try:
-        faults.point("out.staged")
-        yield tmp
-        faults.point("out.rename")
-        old = None
-        if target.is_dir() and (replace or not any(target.iterdir())):
-            old = Path(f"{tmp}-old")  # a temp name too: stale_temps finds it if we are killed
-            os.rename(target, old)
-            faults.point("out.swap")
-        os.rename(tmp, target)  # fails on an existing non-empty target: nothing is lost
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with no_room_is_an_error(target):
+        tmp = temp_dir_for(target)
+        try:
+            faults.point("out.staged")
+            yield tmp
+            faults.point("out.rename")
+            old = None
+            if target.is_dir() and (replace or not any(target.iterdir())):
+                old = Path(f"{tmp}-old")  # a temp name too: stale_temps finds it if we are killed
+                os.rename(target, old)
+                faults.point("out.swap")
+            os.rename(tmp, target)  # fails on an existing non-empty target: nothing is lost
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
