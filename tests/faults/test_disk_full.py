@@ -122,8 +122,9 @@ def test_a_base_shard_truncated_before_compose(world: World, tmp_path: Path) -> 
     os.truncate(shard, shard.stat().st_size - 100)
     before = snapshot(world.db)
     out = tmp_path / "out"
-    done = run(world.db, *compose_args(world, out)[:3], "--base", str(base), "--out", str(out))
-    assert_one_error(done, "truncated")
+    done = cli(world.db, *compose_args(world, out)[:3], "--base", str(base), "--out", str(out))
+    assert done.exit_code == 1 and done.stderr.startswith("Error: "), done.output
+    assert "truncated" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     no_finished_output(out)
     assert_whole(world.db, before)
 

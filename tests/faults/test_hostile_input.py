@@ -219,8 +219,7 @@ def test_a_base_whose_shard_index_points_outside_it(world: World, outside: str) 
     out = world.root / "out"
     args = compose_args(world, out)
     args[args.index("--base") + 1] = str(base)
-    done = run(world.db, *args)
-    assert_one_error(done, "outside")
+    assert_cli_error(cli(world.db, *args), "outside")
     no_finished_output(out)
     assert_whole(world.db, before)
 
