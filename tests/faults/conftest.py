@@ -56,3 +56,7 @@ def world(world_template: World, tmp_path: Path) -> World:
     shutil.copytree(world_template.db.parent, reg)
     shutil.copytree(world_template.root / "src", tmp_path / "src")
     return World(tmp_path, reg / "registry.db", world_template.base)
+
+
+# PostgreSQL: a fresh database per test (skipped without a server, a failure under CI)
+from tests.registry.conftest import pg_template, pg_url  # noqa: E402, F401
