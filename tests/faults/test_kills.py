@@ -132,7 +132,8 @@ def test_allocate_killed_before_commit(world: World) -> None:
 
 def test_allocate_killed_after_commit_leaves_a_live_reservation(world: World) -> None:
     """Measured: the reservation is committed before the indices file is written, so a kill
-    in between keeps its indices reserved; nothing else is changed."""
+    in between keeps its indices reserved (nothing else changes); ``reservations`` lists it and
+    ``reservations --release ID`` frees it."""
     before = snapshot(world.db)
     idx = world.root / "idx.safetensors"
     args = ["allocate", "--base", str(world.base), "--variant", "fa", "--rank", "2",
@@ -142,3 +143,10 @@ def test_allocate_killed_after_commit_leaves_a_live_reservation(world: World) ->
     rows = tables(world.db)["reservations"]
     assert len(rows) == 1 and len(before["tables"]["reservations"]) == 0
     assert_whole(world.db, None)
+    live = json.loads(cli(world.db, "reservations", "--json").stdout)
+    assert [(r["id"], r["variant"], r["rank"]) for r in live] == [(rows[0][0], "fa", 2)]
+    released = cli(world.db, "reservations", "--release", str(live[0]["id"]), "--json")
+    assert released.exit_code == 0 and json.loads(released.stdout) == [], released.output
+    assert snapshot(world.db) == before
+    again = cli(world.db, "reservations", "--release", str(live[0]["id"]))
+    assert again.exit_code == 1 and again.stderr.startswith("Error: no reservation")

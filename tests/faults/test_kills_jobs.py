@@ -55,23 +55,27 @@ def test_train_register_killed(tmp_path: Path, tiny_lm_dir: Path, event: str) ->
     before = snapshot(db)
     args = _train_args(tiny_lm_dir, _data(tmp_path / "d.jsonl"), out, "adder")
     run_killed(db, *args, event=event)
-    live, unrecorded, written = TRAIN_KILLS[event]
+    live_count, unrecorded, written = TRAIN_KILLS[event]
     after = snapshot(db)
     assert after["list"] == before["list"] == []
     assert query(db, "SELECT count(*) FROM reservations WHERE consumed_by_adapter_id IS NULL") == [
-        (live,)
+        (live_count,)
     ]
     assert len(list((Path(f"{db}.d") / "blobs").glob("[0-9a-f]*"))) == unrecorded
     assert out.is_dir() == written and (not written or (out / "sbora_config.json").is_file())
     if not written:
         no_finished_output(out)
     assert_whole(db, None)  # gc collects the unrecorded blob
+    live = json.loads(cli(db, "reservations", "--json").stdout)
+    assert len(live) == live_count
     if written:  # a complete adapter folder: register it as it is
         done = cli(db, "add", str(out), "--name", "adder", "--base", str(tiny_lm_dir))
     else:  # train again into the same --out
         done = cli(db, *args)
     assert done.exit_code == 0, done.output
     assert [r["ref"] for r in listed(db)] == ["adder@1"]
+    # add consumed the reservation the adapter was trained on; a new train reserved anew
+    assert len(json.loads(cli(db, "reservations", "--json").stdout)) == (0 if written else 1)
     assert temps(tmp_path) == []  # the next write beside OUT removed the dead writer's temp
     assert_whole(db, None)
 
