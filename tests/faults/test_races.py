@@ -101,3 +101,25 @@ def test_four_train_register_at_once_get_disjoint_regions(
     consumed = query(db, "SELECT consumed_by_adapter_id FROM reservations")
     assert len(consumed) == 4 and all(c != (None,) for c in consumed)  # every one consumed
     assert_whole(db, None)
+
+
+def test_a_blob_collected_while_compose_hashes_it(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """gc detaches the blob after compose found it and before it re-hashed its files."""
+    from sbora_reg.registry import blobs
+
+    original = blobs.BlobStore.content_sha256
+
+    def collected_first(self, sha256: str) -> str:  # type: ignore[no-untyped-def]
+        with Registry.open(world.db) as other:
+            other.rm("a")
+            other.gc()
+        return original(self, sha256)
+
+    monkeypatch.setattr(blobs.BlobStore, "content_sha256", collected_first)
+    out = world.root / "out"
+    result = cli(world.db, *compose_args(world, out))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "removed while being read" in lines[0], result.output
+    no_finished_output(out)
+    check_sqlite(world.db)

@@ -552,7 +552,14 @@ class Registry:
         """``blob_path``, after re-hashing its files: ``CorruptBlobError`` naming ``what`` when
         they changed on disk since they were stored (nothing reads a corrupt blob's bytes)."""
         path = self.blob_path(sha256)
-        if self.blobs.content_sha256(sha256) != sha256:
+        try:
+            found = self.blobs.content_sha256(sha256)
+        except FileNotFoundError:  # collected by a concurrent gc between the check and the read
+            raise NotFoundError(
+                f"the stored files of {what} were removed while being read (a concurrent "
+                "`sbora-reg gc` after `rm`?): add it again"
+            ) from None
+        if found != sha256:
             raise CorruptBlobError(
                 f"the stored files of {what} ({path}) changed on disk after they were stored: "
                 "they no longer hash to their sha256; `sbora-reg verify --all` lists every "
