@@ -63,10 +63,12 @@ def test_compose_adapter_formats_killed(world: World, fmt: str, event: str) -> N
     assert sorted(p.name for p in world.root.iterdir() if p.name.startswith("out")) == ["out"]
 
 
+@pytest.mark.parametrize("then", ["gc", "compose"])
 def test_compose_force_killed_between_moving_the_old_output_aside_and_the_new_into_place(
-    world: World,
+    world: World, then: str
 ) -> None:
-    """The one window where OUT is absent: the old output sits in ``OUT.tmp-<pid>-*-old``."""
+    """The one window where OUT is absent: the old output sits in ``OUT.tmp-<pid>-*-old``;
+    gc (OUT is a recorded output) or the next compose to OUT puts it back."""
     out = world.root / "out"
     assert cli(world.db, *compose_args(world, out)).exit_code == 0
     first = file_hashes(out)
@@ -75,11 +77,16 @@ def test_compose_force_killed_between_moving_the_old_output_aside_and_the_new_in
     left = sorted(p.name for p in world.root.iterdir() if p.name.startswith("out."))
     assert len(left) == 2 and left[1].endswith("-old")  # the new output and the old one, whole
     assert file_hashes(world.root / left[1]) == first
-    # gc (beside the recorded output) removes both; the next compose writes OUT again
-    assert_whole(world.db, None, world.root)
-    done = cli(world.db, *compose_args(world, out))
-    assert done.exit_code == 0, done.output
-    assert file_hashes(out) == first
+    if then == "gc":
+        assert_whole(world.db, None, world.root)  # restores OUT, removes the new temp
+        assert file_hashes(out) == first
+    else:  # a compose without --force finds OUT back in place and refuses to overwrite it
+        again = cli(world.db, *compose_args(world, out))
+        assert again.exit_code == 1 and "already exists" in again.stderr, again.output
+        assert file_hashes(out) == first
+        assert cli(world.db, *compose_args(world, out, "merged", "--force")).exit_code == 0
+        assert_whole(world.db, None, world.root)
+    assert sorted(p.name for p in world.root.iterdir() if p.name.startswith("out")) == ["out"]
 
 
 def test_compose_killed_after_the_output_is_in_place(world: World) -> None:

@@ -444,6 +444,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     that no longer run) are removed first; a live writer's are left alone.
     """
     out = Path(out).absolute()
+    files.restore_swapped(out)  # the previous output, if a killed --force compose moved it aside
     check_out_dir(out, force)
     for stale in stale_temps(out.parent, out.name):
         shutil.rmtree(stale, ignore_errors=True)

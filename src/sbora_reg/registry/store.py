@@ -57,7 +57,7 @@ from sbora_reg.registry.records import (
     SchemaStatus,
 )
 from sbora_reg.registry.region_table import RegionTable
-from sbora_reg.sbora.files import stale_temps
+from sbora_reg.sbora.files import restore_swapped, stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -630,6 +630,7 @@ class Registry:
         with self.read() as session:  # what killed composes left beside recorded outputs
             outputs = set(session.scalars(select(m.Composition.output_path).distinct()))
         for out in sorted(o for o in outputs if o):
+            restore_swapped(Path(out))  # an output a killed --force compose had moved aside
             stale += stale_temps(Path(out).parent, Path(out).name)
         for path in stale:
             freed += dir_size(path)

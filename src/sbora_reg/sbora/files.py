@@ -6,7 +6,8 @@
 - ``write_atomic`` (a file) and ``atomic_dir`` (a folder): written under a temp name beside the
   target, fsynced, renamed into place; a killed process leaves no half-written target.
 - Temp folders are named ``<target>.tmp-<pid>-<random>``: ``stale_temps`` finds those whose
-  writer no longer runs (and only those), for ``gc`` and the next write to the same target.
+  writer no longer runs (and only those), for ``gc`` and the next write to the same target;
+  a previous target that a killed writer had moved aside (``-old``) is put back first.
 - A write that finds no room (``NO_ROOM``: full disk or quota, file-size limit) is one
   ``OutputError`` (``no_room_is_an_error``), its temp files removed.
 
@@ -112,6 +113,18 @@ def stale_temps(folder: Path, stem: str = "") -> list[Path]:
     return sorted(stale)
 
 
+def restore_swapped(target: Path) -> bool:
+    """Put back a previous ``target`` that a writer killed mid-swap left moved aside as
+    ``<target>.tmp-<pid>-*-old`` (``atomic_dir(..., replace=True)``); True when it did."""
+    if target.exists():
+        return False
+    for stale in stale_temps(target.parent, target.name):
+        if stale.name.endswith("-old"):
+            os.rename(stale, target)
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def no_room_is_an_error(where: Path) -> Iterator[None]:
     """Turn "no space left" / "file too large" while writing ``where`` into one OutputError."""
@@ -133,10 +146,12 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     On any exception the temp folder is removed, so an interrupted write never leaves a folder
     that looks finished. An existing ``target`` is an error unless ``replace`` (an empty one is
     always replaced): it is moved aside, then removed once the new one is in place. Temp
-    folders that killed writers of ``target`` left beside it are removed first.
+    folders that killed writers of ``target`` left beside it are removed first (a previous
+    ``target`` one of them had moved aside is put back: ``restore_swapped``).
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_swapped(target)
     for stale in stale_temps(target.parent, target.name):
         shutil.rmtree(stale, ignore_errors=True)
     with no_room_is_an_error(target):
