@@ -1,4 +1,4 @@
-"""The house is layered: cli and demo -> registry (and migrations) -> sbora -> errors.
+"""The house is layered: cli and demo -> registry (and migrations) -> sbora -> errors (and faults).
 
 Read from the source with ``ast``: every import of a ``sbora_reg`` module, at module level or
 inside a function, points down or sideways, never up; and imports form no circle, deferred ones
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src"
-LAYERS = {"cli": 3, "demo": 3, "registry": 2, "migrations": 2, "sbora": 1, "errors": 0}
+LAYERS = {"cli": 3, "demo": 3, "registry": 2, "migrations": 2, "sbora": 1, "errors": 0, "faults": 0}
 # The contract's ``Adapter.apply``/``to_peft``/``from_peft`` delegate (deferred) to the modules
 # that build adapters; the value type itself stays free of them at import time.
 ALLOWED_CIRCLE = {"sbora_reg.sbora.adapter", "sbora_reg.sbora.model", "sbora_reg.sbora.peft_io"}

@@ -57,7 +57,24 @@ def test_only_dead_writers_temp_folders_are_stale_and_removed(tmp_path: Path) ->
     for folder in (dead, dead_old, live, other):
         folder.mkdir()
     assert stale_temps(tmp_path, "out") == sorted([dead, dead_old])
-    with out_dir(tmp_path / "out") as tmp:
+    (dead_old / "previous").write_text("0")
+    (tmp_path / "out").mkdir()  # the killed writer's new output was renamed into place
+    with out_dir(tmp_path / "out", force=True) as tmp:
         (tmp / "x").write_text("1")
     assert not dead.exists() and not dead_old.exists()
     assert live.exists() and other.exists()  # a live writer's, and another target's
+
+
+def test_a_previous_output_moved_aside_by_a_killed_writer_is_put_back(tmp_path: Path) -> None:
+    """Killed between moving OUT aside (``-old``) and renaming the new one in: OUT is back
+    before anything else is written to it (``restore_swapped``); the new temp is removed."""
+    new = tmp_path / f"out.tmp-{_dead_pid()}-abcd"
+    old = tmp_path / f"out.tmp-{_dead_pid()}-abcd-old"
+    for folder, text in ((new, "new"), (old, "previous")):
+        folder.mkdir()
+        (folder / "x").write_text(text)
+    with out_dir(tmp_path / "out", force=True) as tmp:
+        assert (tmp_path / "out" / "x").read_text() == "previous"
+        (tmp / "x").write_text("1")
+    assert (tmp_path / "out" / "x").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

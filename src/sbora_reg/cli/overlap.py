@@ -1,4 +1,5 @@
-"""CLI verbs: overlap (which weights registered adapters share) and allocate (disjoint regions)."""
+"""CLI verbs: overlap (which weights registered adapters share), allocate (disjoint regions) and
+reservations (the live ones; release one)."""
 
 from __future__ import annotations
 
@@ -202,3 +203,37 @@ def allocate_cmd(
         echo_json(alloc.to_json())
     else:
         _render_allocation(alloc)
+
+
+@main.command("reservations")
+@click.option(
+    "--release",
+    "release_id",
+    type=int,
+    metavar="ID",
+    help="Free live reservation ID (one a killed allocate or train left, or no longer wanted).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print exact JSON.")
+@click.pass_context
+def reservations_cmd(ctx: click.Context, release_id: int | None, as_json: bool) -> None:
+    """Live reservations: allocated indices that no registered adapter uses yet."""
+    from rich.table import Table
+
+    from sbora_reg.registry.allocate import live_reservations, release
+
+    with open_registry(ctx) as registry:
+        if release_id is not None:
+            release(registry, release_id)
+        rows = live_reservations(registry)
+    if as_json:
+        echo_json(rows)
+        return
+    if release_id is not None:
+        click.echo(f"released reservation {release_id}")
+    columns = ("id", "base", "task", "variant", "rank", "created")
+    table = Table(title="Live reservations")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+    console().print(table)

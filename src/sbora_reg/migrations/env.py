@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from sbora_reg import faults
 from sbora_reg.registry.models import Base
 
 config = context.config
@@ -17,6 +18,7 @@ context.configure(
     render_as_batch=True,
     transactional_ddl=True,
     compare_type=True,
+    on_version_apply=lambda **_kw: faults.point("migrate.step"),
 )
 with context.begin_transaction():
     context.run_migrations()

@@ -290,3 +290,21 @@ def release(registry: Registry, reservation_id: int) -> None:
             delete(m.ReservationRegion).where(m.ReservationRegion.reservation_id == reservation_id)
         )
         session.delete(row)
+
+
+def live_reservations(registry: Registry) -> list[dict[str, Any]]:
+    """Reservations no adapter has used yet, oldest first (a killed ``allocate`` or ``train``
+    leaves one holding its indices until ``release``)."""
+    query = (
+        select(m.Reservation, m.BaseModel.name)
+        .join(m.BaseModel, m.Reservation.base_id == m.BaseModel.id)
+        .where(m.Reservation.consumed_by_adapter_id.is_(None))
+        .order_by(m.Reservation.id)
+    )
+    with registry.read() as session:
+        rows = session.execute(query).all()
+    return [
+        {"id": r.id, "base": base, "task": r.task, "variant": r.variant, "rank": r.rank,
+         "created": r.created.isoformat()}
+        for r, base in rows
+    ]  # fmt: skip

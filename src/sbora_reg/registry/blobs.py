@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from sbora_reg.errors import AdapterFormatError
-from sbora_reg.sbora.files import TMP_MARK, ContentDigest, stale_temps
+from sbora_reg.sbora.files import TMP_MARK, ContentDigest, no_room_is_an_error, stale_temps
 
 _CHUNK = 1 << 20
 
@@ -50,13 +50,14 @@ class BlobStore:
     def stage(self, files: list[Path]) -> tuple[Path, str, int]:
         """Copy ``files`` into a new temp dir; return (temp dir, content sha256, total bytes)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{os.getpid()}-", dir=self.root))
-        try:
-            digest = ContentDigest()
-            size = sum(_copy_hashing(f, tmp / f.name, digest) for f in sorted(files))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with no_room_is_an_error(self.root):
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{os.getpid()}-", dir=self.root))
+            try:
+                digest = ContentDigest()
+                size = sum(_copy_hashing(f, tmp / f.name, digest) for f in sorted(files))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return tmp, digest.hexdigest(), size
 
     def publish(self, tmp: Path, sha256: str) -> Path:

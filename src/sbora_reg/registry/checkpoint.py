@@ -142,6 +142,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise AdapterFormatError(f"cannot read {index}: {exc}") from exc
         names = sorted(set(weight_map.values()))
+        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n == ".."]
+        if outside:
+            raise AdapterFormatError(
+                f"{index} names shard {outside[0]!r} outside {path}: shards must be plain file "
+                "names in the checkpoint directory"
+            )
     elif (path / SINGLE_NAME).is_file():
         weight_map, names = {}, [SINGLE_NAME]
     else:
@@ -474,6 +480,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     that no longer run) are removed first; a live writer's are left alone.
     """
     out = Path(out).absolute()
+    files.restore_swapped(out)  # the previous output, if a killed --force compose moved it aside
     check_out_dir(out, force)
     for stale in stale_temps(out.parent, out.name):
         shutil.rmtree(stale, ignore_errors=True)

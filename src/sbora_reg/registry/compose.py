@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from sqlalchemy import select
 
-from sbora_reg import __version__
+from sbora_reg import __version__, faults
 from sbora_reg.errors import ConfigError, FingerprintMismatchError, OverlapError, ShapeMismatchError
 from sbora_reg.registry import models
 from sbora_reg.registry.checkpoint import (
@@ -486,6 +487,7 @@ def compose(
     from sbora_reg.registry.retention import eval_sets
 
     loaded = load_members(registry, refs)
+    faults.point("compose.loaded")
     for record, _ in loaded:
         if record.base_fingerprint != loaded[0][0].base_fingerprint:
             raise FingerprintMismatchError(
@@ -516,7 +518,11 @@ def compose(
     )  # fmt: skip
     if result.dry_run:
         return result
+    faults.point("compose.record")
     with registry.write() as session:
+        # a member removed while it was being composed is recorded by ref and hash only
+        ids = [r.id for r, _ in loaded]
+        alive = set(session.scalars(select(models.Adapter.id).where(models.Adapter.id.in_(ids))))
         row = models.Composition(
             base_id=base.id,
             output_sha256=result.output_sha256,
@@ -529,7 +535,10 @@ def compose(
         )
         row.members = [
             models.CompositionMember(
-                position=i, adapter_id=r.id, adapter_ref=r.ref, adapter_sha256=r.sha256
+                position=i,
+                adapter_id=r.id if r.id in alive else None,
+                adapter_ref=r.ref,
+                adapter_sha256=r.sha256,
             )
             for i, (r, _) in enumerate(loaded)
         ]

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
+from sbora_reg import faults
 from sbora_reg.errors import DatabaseBusyError, RegistryError
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
@@ -161,10 +162,12 @@ class Database:
         with (
             self.translate_errors(),
             Session(self.write_engine, expire_on_commit=False) as session,
-            session.begin(),
         ):
-            if not self.is_sqlite:
-                timeout_ms = int(self.busy_timeout_s * 1000)
-                session.execute(text(f"SET LOCAL lock_timeout = {timeout_ms}"))
-                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_WRITE_LOCK})
-            yield session
+            with session.begin():
+                if not self.is_sqlite:
+                    timeout_ms = int(self.busy_timeout_s * 1000)
+                    session.execute(text(f"SET LOCAL lock_timeout = {timeout_ms}"))
+                    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_WRITE_LOCK})
+                yield session
+                faults.point("db.commit")
+            faults.point("db.committed")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sbora_reg import faults
 from sbora_reg.errors import HubError, NotFoundError, SboraRegError
 from sbora_reg.registry import hub_refs
 from sbora_reg.registry import models as m
@@ -470,6 +471,7 @@ def pull(
     if CARD in siblings:
         names.append(CARD)
     folder = _download_checked(repo, commit, names, siblings, endpoint)
+    faults.point("pull.downloaded")
     card = metadata_load(folder / CARD) if CARD in names else None
     card_base = (card or {}).get("base_model")
     base_rec = _base_for_pull(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sbora_reg import faults
 from sbora_reg.errors import InternalError, QuantizationError, ShapeMismatchError
 from sbora_reg.registry.checkpoint import (
     DEFAULT_SHARD_SIZE,
@@ -192,6 +193,7 @@ def write_merged_weights(
                     for spec in shard:
                         _write_one(writer, spec, entries[spec.name], touched.get(spec.name))
                         done += 1
+                        faults.point("merge.tensor")
                         if progress is not None:
                             progress(done, len(specs), spec.name)
                 except BaseException:

@@ -93,12 +93,21 @@ def adapter_files(path: Path, fmt: str) -> list[Path]:
 
 
 def summarise(path: Path, fmt: str) -> AdapterSummary:
-    """Parse the adapter in ``path`` (already in its final or staging place)."""
+    """Parse the adapter in ``path`` (already in its final or staging place); refuse
+    factors that are not finite (they would poison every checkpoint composed from them)."""
+    import torch
+
     from sbora_reg.sbora.adapter import Adapter
 
     adapter = Adapter.load(path) if fmt == "sbora" else Adapter.from_peft(path)
     modules: dict[str, ModuleSummary] = {}
     for name, mod in adapter.modules.items():
+        for factor in (mod.a, mod.b):
+            if factor is not None and not bool(torch.isfinite(factor).all()):
+                raise AdapterFormatError(
+                    f"module {name} of the adapter has factor values that are not finite (NaN "
+                    "or inf): the training diverged; retrain it (a lower learning rate) first"
+                )
         idx = None if mod.indices is None else mod.indices.detach().cpu().numpy().astype(np.int64)
         modules[name] = ModuleSummary(
             variant=str(mod.variant),

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from sbora_reg import migrations
+from sbora_reg import faults, migrations
 from sbora_reg.errors import (
     CorruptBlobError,
     NotFoundError,
@@ -57,7 +57,7 @@ from sbora_reg.registry.records import (
     SchemaStatus,
 )
 from sbora_reg.registry.region_table import RegionTable
-from sbora_reg.sbora.files import stale_temps
+from sbora_reg.sbora.files import restore_swapped, stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -558,7 +558,14 @@ class Registry:
         """``blob_path``, after re-hashing its files: ``CorruptBlobError`` naming ``what`` when
         they changed on disk since they were stored (nothing reads a corrupt blob's bytes)."""
         path = self.blob_path(sha256)
-        if self.blobs.content_sha256(sha256) != sha256:
+        try:
+            found = self.blobs.content_sha256(sha256)
+        except FileNotFoundError:  # collected by a concurrent gc between the check and the read
+            raise NotFoundError(
+                f"the stored files of {what} were removed while being read (a concurrent "
+                "`sbora-reg gc` after `rm`?): add it again"
+            ) from None
+        if found != sha256:
             raise CorruptBlobError(
                 f"the stored files of {what} ({path}) changed on disk after they were stored: "
                 "they no longer hash to their sha256; `sbora-reg verify --all` lists every "
@@ -620,6 +627,7 @@ class Registry:
                     detached.append((sha, moved))
             if doomed & recorded:
                 session.execute(delete(m.Blob).where(m.Blob.sha256.in_(doomed & recorded)))
+        faults.point("gc.remove")
         freed = 0
         for _sha, path in detached:
             freed += dir_size(path)
@@ -628,6 +636,7 @@ class Registry:
         with self.read() as session:  # what killed composes left beside recorded outputs
             outputs = set(session.scalars(select(m.Composition.output_path).distinct()))
         for out in sorted(o for o in outputs if o):
+            restore_swapped(Path(out))  # an output a killed --force compose had moved aside
             stale += stale_temps(Path(out).parent, Path(out).name)
         for path in stale:
             freed += dir_size(path)

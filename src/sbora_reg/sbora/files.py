@@ -6,7 +6,10 @@
 - ``write_atomic`` (a file) and ``atomic_dir`` (a folder): written under a temp name beside the
   target, fsynced, renamed into place; a killed process leaves no half-written target.
 - Temp folders are named ``<target>.tmp-<pid>-<random>``: ``stale_temps`` finds those whose
-  writer no longer runs (and only those), for ``gc`` and the next write to the same target.
+  writer no longer runs (and only those), for ``gc`` and the next write to the same target;
+  a previous target that a killed writer had moved aside (``-old``) is put back first.
+- A write that finds no room (``NO_ROOM``: full disk or quota, file-size limit) is one
+  ``OutputError`` (``no_room_is_an_error``), its temp files removed.
 
 Torch free: the registry hashes and stages files without importing torch.
 """
@@ -14,6 +17,7 @@ Torch free: the registry hashes and stages files without importing torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -22,7 +26,12 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from sbora_reg import faults
+from sbora_reg.errors import OutputError
+
 TMP_MARK = ".tmp-"
+# A full disk, a full quota, a file-size limit (RLIMIT_FSIZE): writing needs room, not a fix.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class ContentDigest:
@@ -104,26 +113,61 @@ def stale_temps(folder: Path, stem: str = "") -> list[Path]:
     return sorted(stale)
 
 
+def restore_swapped(target: Path) -> bool:
+    """Put back a previous ``target`` that a writer killed mid-swap left moved aside as
+    ``<target>.tmp-<pid>-*-old`` (``atomic_dir(..., replace=True)``); True when it did."""
+    if target.exists():
+        return False
+    for stale in stale_temps(target.parent, target.name):
+        if stale.name.endswith("-old"):
+            os.rename(stale, target)
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def no_room_is_an_error(where: Path) -> Iterator[None]:
+    """Turn "no space left" / "file too large" while writing ``where`` into one OutputError."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_ROOM:
+            raise
+        raise OutputError(
+            f"no room to write {where}: {err.strerror}; free disk space (or raise the file size "
+            "limit) and retry"
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``target`` that becomes ``target`` only if the block succeeds.
 
     On any exception the temp folder is removed, so an interrupted write never leaves a folder
     that looks finished. An existing ``target`` is an error unless ``replace`` (an empty one is
-    always replaced): it is moved aside, then removed once the new one is in place.
+    always replaced): it is moved aside, then removed once the new one is in place. Temp
+    folders that killed writers of ``target`` left beside it are removed first (a previous
+    ``target`` one of them had moved aside is put back: ``restore_swapped``).
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(target)
-    try:
-        yield tmp
-        old = None
-        if target.is_dir() and (replace or not any(target.iterdir())):
-            old = Path(f"{tmp}-old")  # a temp name too: stale_temps finds it if we are killed
-            os.rename(target, old)
-        os.rename(tmp, target)  # fails on an existing non-empty target: nothing is lost
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    restore_swapped(target)
+    for stale in stale_temps(target.parent, target.name):
+        shutil.rmtree(stale, ignore_errors=True)
+    with no_room_is_an_error(target):
+        tmp = temp_dir_for(target)
+        try:
+            faults.point("out.staged")
+            yield tmp
+            faults.point("out.rename")
+            old = None
+            if target.is_dir() and (replace or not any(target.iterdir())):
+                old = Path(f"{tmp}-old")  # a temp name too: stale_temps finds it if we are killed
+                os.rename(target, old)
+                faults.point("out.swap")
+            os.rename(tmp, target)  # fails on an existing non-empty target: nothing is lost
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

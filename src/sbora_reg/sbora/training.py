@@ -33,6 +33,7 @@ from sbora_reg.sbora import SBoRAConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
+MAX_LINE_BYTES = 1 << 20  # one example per line; a longer one is a broken file, not a prompt
 StepHook = Callable[[int, int, float], None]  # (step, total steps, loss)
 
 
@@ -93,17 +94,23 @@ def _example(line: str, where: str) -> Example:
 def load_examples(path: str | os.PathLike[str]) -> list[Example]:
     """Read a JSONL training file; raise ``DataError`` naming the first bad line."""
     path = Path(path)
+    examples = []
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            # read at most one byte past the limit per line: a huge line is never held whole
+            for n, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise DataError(
+                        f"{path} line {n} is longer than {MAX_LINE_BYTES >> 20} MiB: write one "
+                        "prompt/answer object per line"
+                    )
+                line = raw.decode("utf-8")
+                if line.strip():
+                    examples.append(_example(line, f"{path} line {n}"))
     except FileNotFoundError:
         raise DataError(f"training data {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read training data {path}: {exc}") from None
-    examples = [
-        _example(line, f"{path} line {n}")
-        for n, line in enumerate(text.splitlines(), start=1)
-        if line.strip()
-    ]
     if not examples:
         raise DataError(f"training data {path} holds no examples: write one JSON object per line")
     return examples
