@@ -136,3 +136,18 @@ def test_config_that_disagrees_with_the_weights_decides(tmp_path: Path) -> None:
     assert fp.header_module_table(tmp_path) is None
     deeper = fp.module_table(LlamaForCausalLM(tiny.llama("l32", num_hidden_layers=3)))
     assert fp.dir_module_table(tmp_path) == deeper
+
+
+def test_an_index_naming_shards_outside_is_refused_before_any_read(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    GPT2LMHeadModel(tiny.gpt2("g48")).save_pretrained(base, max_shard_size="20KB")
+    index = base / fp.INDEX_FILE
+    data = json.loads(index.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    (base / first).rename(tmp_path / "x.safetensors")  # still valid, one level up
+    data["weight_map"] = {
+        k: ("../x.safetensors" if v == first else v) for k, v in data["weight_map"].items()
+    }
+    index.write_text(json.dumps(data))
+    with pytest.raises(AdapterFormatError, match="outside"):
+        fp.dir_module_table(base)

@@ -142,12 +142,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise AdapterFormatError(f"cannot read {index}: {exc}") from exc
         names = sorted(set(weight_map.values()))
-        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n == ".."]
-        if outside:
-            raise AdapterFormatError(
-                f"{index} names shard {outside[0]!r} outside {path}: shards must be plain file "
-                "names in the checkpoint directory"
-            )
+        files.check_shard_names(index, names)
     elif (path / SINGLE_NAME).is_file():
         weight_map, names = {}, [SINGLE_NAME]
     else:

@@ -23,11 +23,11 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from sbora_reg import faults
-from sbora_reg.errors import OutputError
+from sbora_reg.errors import AdapterFormatError, OutputError
 
 TMP_MARK = ".tmp-"
 # A full disk, a full quota, a file-size limit (RLIMIT_FSIZE): writing needs room, not a fix.
@@ -171,3 +171,14 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def check_shard_names(index: Path, names: Sequence[object]) -> None:
+    """``AdapterFormatError`` unless every shard an index names is a plain file name in the
+    index's own directory (no ``..``, no absolute or nested path: nothing is read from outside)."""
+    outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n == ".."]
+    if outside:
+        raise AdapterFormatError(
+            f"{index} names shard {outside[0]!r} outside {index.parent}: shards must be plain "
+            "file names in the checkpoint directory"
+        )

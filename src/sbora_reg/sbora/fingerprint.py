@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sbora_reg.errors import AdapterFormatError
+from sbora_reg.sbora.files import check_shard_names
 
 if TYPE_CHECKING:
     from torch import nn
@@ -121,7 +122,9 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise AdapterFormatError(f"{index} has no weight_map: restore it")
-        return [path / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()), key=str)
+        check_shard_names(index, names)
+        return [path / name for name in names]
     return [path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else []
 
 
