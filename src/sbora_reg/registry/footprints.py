@@ -247,10 +247,11 @@ def shares_against(
                 if mat is None:
                     mat = np.frombuffer(b"".join(blobs), dtype=_DTYPES[width])
                     mat = mat.reshape(len(members), -1)
-                block = mat[:, starts[j] : starts[j + 1]]
+                # a contiguous copy, then take: twice as fast as fancy indexing the strided view
+                block = np.ascontiguousarray(mat[:, starts[j] : starts[j + 1]])
                 if width != 2 and block.size and int(block.max()) >= dim:
                     raise _corrupt()
-                hits = np.count_nonzero(bitmap[block], axis=1)
+                hits = np.count_nonzero(bitmap.take(block), axis=1)
                 shares[:, j] = hits * (out if code == FA else inn)
         positions = np.asarray(members, dtype=np.int64)
         totals[positions] = shares.sum(axis=1)
