@@ -231,9 +231,6 @@ def packed_to_regions(packed: Packed) -> dict[int, dict[str, Region]]:
     return out
 
 
-_MMAP_BYTES = 1 << 30
-
-
 def fetch_footprint_rows(conn: Connection, base_id: int) -> list[Any]:
     """``(adapter id, modules, variants, counts, width, indices)`` of every adapter on a base,
     in id order (one packed row each, see ``footprints``)."""
@@ -244,17 +241,7 @@ def fetch_footprint_rows(conn: Connection, base_id: int) -> list[Any]:
         .where(f.adapter_id.in_(select(_A.id).where(_A.base_id == base_id)))
         .order_by(f.adapter_id)
     )
-    if conn.dialect.name != "sqlite":
-        return _raw_rows(conn, query)
-    # SQLite reads the file through a memory map for this bulk read (measured: half the time for
-    # 10,000 footprints, 143 MB), then stops again: an I/O error elsewhere stays an error and
-    # never becomes a SIGBUS.
-    driver = conn.connection.driver_connection
-    driver.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")  # type: ignore[union-attr]
-    try:
-        return _raw_rows(conn, query)
-    finally:
-        driver.execute("PRAGMA mmap_size = 0")  # type: ignore[union-attr]
+    return _raw_rows(conn, query)
 
 
 def fetch_region_table(conn: Connection, base_id: int, fingerprint: str) -> RegionTable:
