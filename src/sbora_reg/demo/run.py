@@ -133,7 +133,7 @@ def run_demo(
         trained, record = train_and_register(
             lambda: Registry.open(db), skill.name, base, train, workdir / "adapters" / skill.name,
             task=skill.name, probe=probe, config=config, steps=cfg.steps,
-            batch_size=cfg.batch_size, lr=cfg.lr, seed=i, on_step=hook,
+            batch_size=cfg.batch_size, lr=cfg.lr, seed=i, threads="auto", on_step=hook,
         )  # fmt: skip
         assert record is not None
         refs.append(record.ref)
