@@ -76,6 +76,19 @@ print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
 """
 
 
+def _heavy_imports(label: str, args: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """The heavy modules (``READ_ONLY``'s list) a fresh interpreter imported running ``args``."""
+    done = subprocess.run(
+        [sys.executable, "-c", READ_ONLY, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, (label, done.stderr)
+    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def test_read_commands_import_neither_torch_nor_transformers(
     tmp_path: Path, tiny_lm_dir: Path
 ) -> None:
@@ -97,14 +110,7 @@ def test_read_commands_import_neither_torch_nor_transformers(
         "db current": ["--db", db, "db", "current"],
     }
     for label, args in commands.items():
-        done = subprocess.run(
-            [sys.executable, "-c", READ_ONLY, json.dumps(args)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, (label, done.stderr)
-        assert json.loads(done.stdout.strip().splitlines()[-1]) == [], label
+        assert _heavy_imports(label, args) == [], label
 
 
 def test_compose_and_base_registration_never_import_transformers(
@@ -124,15 +130,8 @@ def test_compose_and_base_registration_never_import_transformers(
         "add": ["--db", db, "add", str(tmp_path / "a"), "--name", "a", "--base", base],
         "compose": ["--db", db, "compose", "a", "--base", base, "--out", str(tmp_path / "o")],
     }
+    env = {**os.environ, "SBORA_REG_CACHE": str(tmp_path / "cache")}  # nothing cached yet
     for label, args in commands.items():
-        done = subprocess.run(
-            [sys.executable, "-c", READ_ONLY, json.dumps(args)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "SBORA_REG_CACHE": str(tmp_path / "cache")},  # nothing cached
-        )
-        assert done.returncode == 0, (label, done.stderr)
-        imported = json.loads(done.stdout.strip().splitlines()[-1])
+        imported = _heavy_imports(label, args, env)
         assert "transformers" not in imported and "peft" not in imported, (label, imported)
     assert (tmp_path / "o" / "model.safetensors").is_file()
