@@ -233,14 +233,22 @@ class _Hasher:
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sbora-sha256")
-        self.buffer = memoryview(bytearray(_HASH_CHUNK))  # used by the one worker, in order
+        self._buffer = memoryview(bytearray(_HASH_CHUNK))  # the one worker's, used in order
         self._jobs: collections.deque[Future[None]] = collections.deque()
 
-    def feed(self, job: Callable[[Any], None], holds_data: bool = True) -> None:
-        """Run ``job(sha)`` after the ones before it. A job holding data to hash waits for every
-        earlier job first (one tensor in memory at most); jobs that read a file back may queue
-        ``_HASH_QUEUE`` deep, so a burst of quick kernel copies does not wait for the hash."""
-        while self._jobs and (holds_data or len(self._jobs) >= _HASH_QUEUE):
+    def feed(self, data: Any) -> None:
+        """Hash ``data`` (bytes-like, unchanged until hashed) after everything before it, once
+        every earlier job is done: one tensor in memory at most."""
+        self._submit(lambda sha: sha.update(data), queue=1)
+
+    def feed_range(self, path: Path, start: int, end: int) -> None:
+        """Hash bytes ``start:end`` of ``path``, read back, after everything before it; up to
+        ``_HASH_QUEUE`` such jobs wait at once, so a burst of quick kernel copies does not wait
+        for the hash."""
+        self._submit(_hash_range(path, start, end, self._buffer), queue=_HASH_QUEUE)
+
+    def _submit(self, job: Callable[[Any], None], queue: int) -> None:
+        while len(self._jobs) >= queue:
             self._jobs.popleft().result()
         self._jobs.append(self._pool.submit(job, self._sha))
 
@@ -319,7 +327,7 @@ class ShardWriter:
     def _write(self, data: Any) -> None:
         """Write a bytes-like object; it must stay unchanged until hashed (the next write)."""
         self._f.write(data)
-        self._hasher.feed(lambda sha: sha.update(data))
+        self._hasher.feed(data)
 
     def _start_sync(self) -> None:
         """Start writing what is written so far back to disk, unless that is already under way."""
@@ -372,8 +380,7 @@ class ShardWriter:
         self._f.seek(0, os.SEEK_END)
         if patch is not None and entry.nbytes:
             self._patch(start, entry, patch)
-        job = _hash_range(self.path, start, start + entry.nbytes, self._hasher.buffer)
-        self._hasher.feed(job, holds_data=False)
+        self._hasher.feed_range(self.path, start, start + entry.nbytes)
         self._start_sync()
 
     def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:

@@ -335,12 +335,10 @@ def _same_axis_pairs(
     """
     n = len(table.names)
     acc = np.zeros(n * n, dtype=np.float64)
-    pending: dict[int, list[np.ndarray]] = {}
-    sizes: dict[int, int] = {}
+    pending: dict[int, list[np.ndarray]] = {}  # key weight -> pair codes not yet counted
 
     def flush(weight: int) -> None:
         codes = np.concatenate(pending.pop(weight))
-        sizes.pop(weight)
         acc[:] += weight * np.bincount(codes, minlength=n * n)
 
     for m, code, e0, e1 in _blocks(table):
@@ -370,8 +368,7 @@ def _same_axis_pairs(
         first = np.repeat(pos, cnt)
         step = np.arange(first.size) - np.repeat(np.cumsum(cnt) - cnt, cnt) + 1
         pending.setdefault(weight, []).append(owner[first] * n + owner[first + step])
-        sizes[weight] = sizes.get(weight, 0) + first.size
-        if sizes[weight] >= chunk:
+        if sum(codes.size for codes in pending[weight]) >= chunk:
             flush(weight)
     for weight in list(pending):
         flush(weight)
