@@ -10,6 +10,7 @@ number (< 1e-6 for these well-conditioned random inputs); the factors are stored
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,13 +185,93 @@ def _stacked(adapters: list[Adapter]) -> Adapter:
     })  # fmt: skip
 
 
+def _answer_logprobs(model, enc) -> torch.Tensor:
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    return torch.log_softmax(logits[:, :-1][enc["labels"][:, 1:] != -100].float(), dim=-1)
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
+@pytest.mark.parametrize("every_position, hidden", [(0.0, 0.0), (0.5, 2.0)])
+def test_tune_loss_is_the_per_example_objective_on_a_padded_batch(
+    tiny_lm_dir, every_position: float, hidden: float
+) -> None:
+    """tune's batched loss (right padding, one teacher per example) equals the objective written
+    out one unpadded example at a time: answer-token KL over the batch's answer tokens, plus the
+    per-example means of the KL at every position and of the relative hidden-state error."""
+    from sbora_reg.sbora import unload
+    from sbora_reg.sbora.calibrate import _Teacher, _tune_loss
+    from sbora_reg.sbora.model import apply_adapter
+    from sbora_reg.sbora.training import encode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    members = _random_members(model, 0.3)
+    rows = [("1+1=", "2"), ("12*3 is", "36 exactly"), ("x", "yz")]  # different lengths
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        apply_adapter(model, members[0])
+        teachers = [_Teacher.read(model, encode(tokenizer, [r], cpu), hidden > 0) for r in rows]
+        unload(model)
+        apply_adapter(model, members[1])
+        got = _tune_loss(model, encode(tokenizer, rows, cpu), teachers, every_position, hidden)
+        answer_kl, position_terms, hidden_terms = [], [], []
+        for row, t in zip(rows, teachers, strict=True):
+            enc = encode(tokenizer, [row], cpu)
+            out = model(**{k: enc[k] for k in ("input_ids", "attention_mask")},
+                        output_hidden_states=True)  # fmt: skip
+            kl = _kl(t.logprobs, torch.log_softmax(out.logits[0, :-1], dim=-1))
+            answer_kl.append(kl[enc["labels"][0, 1:] != -100])
+            position_terms.append(kl.mean())
+            if hidden:
+                assert t.hidden is not None
+                per_layer = [
+                    (h[0] - t.hidden[:, j]).pow(2).sum(-1) / t.hidden[:, j].pow(2).sum(-1)
+                    for j, h in enumerate(out.hidden_states[1:])
+                ]
+                hidden_terms.append(torch.stack(per_layer).mean())
+        unload(model)
+    want = torch.cat(answer_kl).mean() + every_position * torch.stack(position_terms).mean()
+    if hidden:
+        want = want + hidden * torch.stack(hidden_terms).mean()
+    assert float(want) > 1e-3  # the members differ: a loss that cannot be zero here
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_tune_loss_is_zero_when_the_composition_is_the_teacher(tiny_lm_dir) -> None:
+    from sbora_reg.sbora import unload
+    from sbora_reg.sbora.calibrate import _Teacher, _tune_loss
+    from sbora_reg.sbora.model import apply_adapter
+    from sbora_reg.sbora.training import encode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    member = _random_members(model, 0.3)[0]
+    rows = [("1+1=", "2"), ("12*3 is", "36 exactly")]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        apply_adapter(model, member)
+        teachers = [_Teacher.read(model, encode(tokenizer, [r], cpu), True) for r in rows]
+        got = _tune_loss(model, encode(tokenizer, rows, cpu), teachers, 1.0, 1.0)
+        unload(model)
+    assert abs(float(got)) < 1e-5  # rounding of padded vs unpadded attention only
+
+
 def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
     tiny_lm_dir,
 ) -> None:
-    """tune: KL(member alone ‖ composed) on the tasks' answer tokens goes down; indices, scales
-    and the base model stay as they were."""
+    """tune: its objective (KL to member alone on the answer tokens and every position, hidden
+    states) goes down; indices, scales and the base model stay as they were."""
     from sbora_reg.sbora import sbora_layers, unload
-    from sbora_reg.sbora.calibrate import _answer_logprobs, tune
+    from sbora_reg.sbora.calibrate import (
+        TUNE_EVERY_POSITION,
+        TUNE_HIDDEN,
+        _Teacher,
+        _tune_loss,
+        tune,
+    )
     from sbora_reg.sbora.model import apply_adapter
     from sbora_reg.sbora.training import encode
 
@@ -203,21 +284,21 @@ def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
         [(f"{i}*3=", str(3 * i)) for i in range(6)],
     ]
 
-    def gap(adapters: list[Adapter]) -> float:
+    def gap(adapters: list[Adapter]) -> float:  # tune's whole objective, per task
         total = 0.0
+        cpu = torch.device("cpu")
         for i, rows in enumerate(sets):
             with torch.no_grad():
-                enc = encode(tokenizer, rows, torch.device("cpu"))
                 apply_adapter(model, members[i])
-                teacher = _answer_logprobs(model, enc)
+                teachers = [_Teacher.read(model, encode(tokenizer, [r], cpu), True) for r in rows]
                 unload(model)
                 apply_adapter(model, _stacked(adapters))
-                student = _answer_logprobs(model, enc)
+                total += float(_tune_loss(model, encode(tokenizer, rows, cpu), teachers,
+                                          TUNE_EVERY_POSITION, TUNE_HIDDEN))  # fmt: skip
                 unload(model)
-            total += float((teacher.exp() * (teacher - student)).sum(-1).mean())
         return total
 
-    tuned = tune(model, tokenizer, members, sets, steps=20, lr=1e-2, batch_size=4)
+    tuned = tune(model, tokenizer, members, sets, steps=40, lr=1e-2, batch_size=4)
     assert gap(tuned) < 0.7 * gap(members)
     for a, t in zip(members, tuned, strict=True):
         for name, module in a.modules.items():
