@@ -185,11 +185,6 @@ def _stacked(adapters: list[Adapter]) -> Adapter:
     })  # fmt: skip
 
 
-def _answer_logprobs(model, enc) -> torch.Tensor:
-    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-    return torch.log_softmax(logits[:, :-1][enc["labels"][:, 1:] != -100].float(), dim=-1)
-
-
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (teacher.exp() * (teacher - student)).sum(-1)
 
