@@ -155,7 +155,15 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/sbora-interference")
     parser.add_argument("--out", default="benchmarks/results/interference.md")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument(
+        "--tune-balance", type=float, default=None,
+        help="tune's member sampling exponent (sbora.calibrate.TUNE_BALANCE); labels the rows",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.tune_balance is not None:
+        from sbora_reg.sbora import calibrate
+
+        calibrate.TUNE_BALANCE = args.tune_balance
 
     from sbora_reg.demo.base import prepare_base
 
@@ -186,6 +194,8 @@ def main() -> None:
             for method in args.calibrate.split(","):
                 rows = composed_rows(args, base, work, refs[:k], method, evals, alone)
                 label = method if args.variant == "fa" else f"{method} (FB)"
+                if method == "tune" and args.tune_balance is not None:
+                    label += f" (balance {args.tune_balance:g})"
                 text = "".join(
                     f"| {seed} | {k} | {label} | {r['skill']} | {r['base']:.2f} | "
                     f"{r['alone']:.2f} | {r['composed']:.2f} | {r['kept']:.2f} | "

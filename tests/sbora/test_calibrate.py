@@ -211,7 +211,9 @@ def test_tune_loss_is_the_per_example_objective_on_a_padded_batch(
         teachers = [_Teacher.read(model, encode(tokenizer, [r], cpu), hidden > 0) for r in rows]
         unload(model)
         apply_adapter(model, members[1])
-        got = _tune_loss(model, encode(tokenizer, rows, cpu), teachers, every_position, hidden)
+        got, each = _tune_loss(
+            model, encode(tokenizer, rows, cpu), teachers, every_position, hidden
+        )
         answer_kl, position_terms, hidden_terms = [], [], []
         for row, t in zip(rows, teachers, strict=True):
             enc = encode(tokenizer, [row], cpu)
@@ -229,10 +231,14 @@ def test_tune_loss_is_the_per_example_objective_on_a_padded_batch(
                 hidden_terms.append(torch.stack(per_layer).mean())
         unload(model)
     want = torch.cat(answer_kl).mean() + every_position * torch.stack(position_terms).mean()
+    want_each = torch.stack([kl.mean() for kl in answer_kl])
+    want_each = want_each + every_position * torch.stack(position_terms)
     if hidden:
         want = want + hidden * torch.stack(hidden_terms).mean()
+        want_each = want_each + hidden * torch.stack(hidden_terms)
     assert float(want) > 1e-3  # the members differ: a loss that cannot be zero here
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(each, want_each, rtol=1e-4, atol=1e-6)  # what tune's sampler reads
 
 
 def test_tune_loss_is_zero_when_the_composition_is_the_teacher(tiny_lm_dir) -> None:
@@ -249,9 +255,11 @@ def test_tune_loss_is_zero_when_the_composition_is_the_teacher(tiny_lm_dir) -> N
     with torch.no_grad():
         apply_adapter(model, member)
         teachers = [_Teacher.read(model, encode(tokenizer, [r], cpu), True) for r in rows]
-        got = _tune_loss(model, encode(tokenizer, rows, cpu), teachers, 1.0, 1.0)
+        got, each = _tune_loss(model, encode(tokenizer, rows, cpu), teachers, 1.0, 1.0)
         unload(model)
-    assert abs(float(got)) < 1e-5  # rounding of padded vs unpadded attention only
+    assert (
+        abs(float(got)) < 1e-5 and float(each.abs().max()) < 1e-5
+    )  # rounding of padded vs unpadded attention only
 
 
 def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
@@ -289,12 +297,14 @@ def test_tune_lowers_the_distillation_gap_on_the_regions_and_restores_the_model(
                 unload(model)
                 apply_adapter(model, _stacked(adapters))
                 total += float(_tune_loss(model, encode(tokenizer, rows, cpu), teachers,
-                                          TUNE_EVERY_POSITION, TUNE_HIDDEN))  # fmt: skip
+                                          TUNE_EVERY_POSITION, TUNE_HIDDEN)[0])  # fmt: skip
                 unload(model)
         return total
 
     tuned = tune(model, tokenizer, members, sets, steps=40, lr=1e-2, batch_size=4)
     assert gap(tuned) < 0.7 * gap(members)
+    balanced = tune(model, tokenizer, members, sets, steps=40, lr=1e-2, batch_size=4, balance=1.0)
+    assert gap(balanced) < 0.7 * gap(members)
     for a, t in zip(members, tuned, strict=True):
         for name, module in a.modules.items():
             assert torch.equal(module.indices, t.modules[name].indices)
@@ -346,3 +356,28 @@ def test_match_returns_one_member_unchanged_and_reproduces_each_member_alone_bet
     assert not list(sbora_layers(model))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tune_sampler_is_the_plain_shuffle_without_balance_and_follows_the_loss_with_it() -> None:
+    """balance 0: the training loop's seeded shuffle of every row; balance 1: a member whose
+    running loss is 9× another's gets ~9× its slots, and every slot names an example of the
+    member it was drawn for (each member's examples in its own shuffle, none repeated early)."""
+    from sbora_reg.sbora.calibrate import _Sampler
+    from sbora_reg.sbora.training import global_batches
+
+    plain = _Sampler([5, 7], 4, 6, 3, 0.0)
+    assert [plain.next() for _ in range(6)] == global_batches(12, 4, seed=3, steps=6, epochs=1)
+
+    sampler = _Sampler([40, 40], 16, 0, 0, 1.0)
+    first = sampler.next()  # nothing seen yet: the members alike
+    assert len(first) == 16 and len(set(first)) == 16
+    sampler.observe(
+        [0 if k < 40 else 1 for k in first], torch.tensor([9.0 if k < 40 else 1.0 for k in first])
+    )
+    assert torch.allclose(sampler.weights(), torch.tensor([0.9, 0.1], dtype=torch.float64))
+    slots = [k for _ in range(100) for k in sampler.next()]
+    share = sum(k < 40 for k in slots) / len(slots)
+    assert 0.85 < share < 0.95  # binomial(1600, 0.9): sd 0.0075
+    member0 = [k for k in first + slots if k < 40]
+    assert sorted(member0[:40]) == list(range(40))  # one whole epoch of member 0, then the next
+    assert sorted(member0[40:80]) == list(range(40))

@@ -45,6 +45,7 @@ MATCH_PRIOR = 1.0  # ε of match, which without it runs away from the data (meas
 # chosen on benchmarks/interference.py; steps per member (each example seen ~6 times)
 TUNE_STEPS_PER_MEMBER, TUNE_LR, TUNE_BATCH = 50, 5e-4, 16
 TUNE_EVERY_POSITION, TUNE_HIDDEN = 1.0, 1.0  # weights of tune's prompt-position and hidden terms
+TUNE_BALANCE = 0.0  # exponent of tune's member sampling on running loss (0: every row alike)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ def tune(
     batch_size: int = TUNE_BATCH,
     every_position: float = TUNE_EVERY_POSITION,
     hidden: float = TUNE_HIDDEN,
+    balance: float | None = None,
     seed: int = 0,
 ) -> list[Adapter]:
     """The members' factors trained together, on their own regions, so that the composed model
@@ -213,8 +215,11 @@ def tune(
         + every_position · KL(teacher ‖ composed) at every position, prompt included
         + hidden · Σ_layers ‖h_composed − h_teacher‖² / ‖h_teacher‖², at every token
 
-    each of the last two a mean per example. The prompt positions and the hidden states carry
-    far more signal per example than the few answer tokens (measured in
+    each of the last two a mean per example. With ``balance`` b > 0 (default ``TUNE_BALANCE``)
+    each slot of a batch goes to member i with probability ∝ (its running loss)^b, so the
+    members the composition serves worst get the steps (see ``_Sampler``). The prompt
+    positions and the hidden states carry far more signal per example than the few answer
+    tokens (measured in
     ``benchmarks/interference.py``, seed 0, three skills, 150 steps: sorting kept 0.93 of its
     exact match with the answer term alone, 0.96 with all three, at the same cost per step).
     Memory: the teacher's log-probabilities at every position
@@ -223,7 +228,7 @@ def tune(
     to its state.
     """
     from sbora_reg.sbora.model import apply_adapter, extract, unload
-    from sbora_reg.sbora.training import cosine_schedule, encode, global_batches
+    from sbora_reg.sbora.training import cosine_schedule, encode
 
     if len(adapters) != len(sets):
         raise ConfigError("tuning needs the examples of every member's task")
@@ -231,6 +236,8 @@ def tune(
     steps = TUNE_STEPS_PER_MEMBER * len(adapters) if steps is None else steps
     device = next(model.parameters()).device
     rows = [(i, ex) for i, examples in enumerate(sets) for ex in examples]
+    balance = TUNE_BALANCE if balance is None else balance
+    sampler = _Sampler([len(examples) for examples in sets], batch_size, steps, seed, balance)
     teachers: list[_Teacher] = []
     with torch.no_grad():
         for i, adapter in enumerate(adapters):
@@ -249,9 +256,13 @@ def tune(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, warmup=3))
         model.train()
-        for batch in global_batches(len(rows), batch_size, seed=seed, steps=steps, epochs=1):
+        for _ in range(steps):
+            batch = sampler.next()
             enc = encode(tokenizer, [rows[k][1] for k in batch], device)
-            loss = _tune_loss(model, enc, [teachers[k] for k in batch], every_position, hidden)
+            loss, each = _tune_loss(
+                model, enc, [teachers[k] for k in batch], every_position, hidden
+            )
+            sampler.observe([rows[k][0] for k in batch], each.detach().cpu())
             loss.backward()
             opt.step()
             sched.step()
@@ -290,8 +301,9 @@ def _tune_loss(
     teachers: Sequence[_Teacher],
     every_position: float,
     hidden: float,
-) -> torch.Tensor:
-    """``tune``'s objective on one right-padded batch (see there)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tune``'s objective on one right-padded batch (see there), and its value per example
+    (the answer term as a mean per example) for ``_Sampler``."""
     out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 output_hidden_states=hidden > 0)  # fmt: skip
     real = enc["attention_mask"].bool()
@@ -299,18 +311,24 @@ def _tune_loss(
     student = torch.log_softmax(out.logits[:, :-1][positions].float(), dim=-1)
     teacher = torch.cat([t.logprobs for t in teachers])
     kl = (teacher.exp() * (teacher - student)).sum(-1)  # per position, KL(teacher ‖ student)
-    loss = kl[torch.cat([t.answer for t in teachers])].mean()
+    answer = torch.cat([t.answer for t in teachers])
+    loss = kl[answer].mean()
     n = len(teachers)
+    row = torch.repeat_interleave(torch.arange(n), positions.sum(1).cpu()).to(kl.device)
+    each = _row_means(kl[answer], row[answer], n)
     if every_position:
-        row = torch.repeat_interleave(torch.arange(n), positions.sum(1).cpu()).to(kl.device)
-        loss = loss + every_position * _row_means(kl, row, n).mean()
+        at_every = _row_means(kl, row, n)
+        loss = loss + every_position * at_every.mean()
+        each = each + every_position * at_every
     if hidden:
         states = torch.stack(out.hidden_states[1:], dim=2)[real].float()  # (tokens, L, d)
         want = torch.cat([t.hidden for t in teachers if t.hidden is not None])
         rel = (states - want).pow(2).sum(-1) / want.pow(2).sum(-1).clamp_min(1e-6)
         row = torch.repeat_interleave(torch.arange(n), real.sum(1).cpu()).to(rel.device)
-        loss = loss + hidden * _row_means(rel.mean(-1), row, n).mean()
-    return loss
+        per_layer = _row_means(rel.mean(-1), row, n)
+        loss = loss + hidden * per_layer.mean()
+        each = each + hidden * per_layer
+    return loss, each
 
 
 def _row_means(values: torch.Tensor, row: torch.Tensor, n: int) -> torch.Tensor:
@@ -318,6 +336,61 @@ def _row_means(values: torch.Tensor, row: torch.Tensor, n: int) -> torch.Tensor:
     sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, row, values)
     counts = torch.bincount(row, minlength=n).to(values.dtype)
     return sums / counts.clamp_min(1)  # an example of one token has no position: 0, not NaN
+
+
+class _Sampler:
+    """The example indices (into the members' sets, concatenated) of each step of ``tune``.
+
+    ``balance`` 0: a seeded shuffle of every row, epoch after epoch (each member in proportion
+    to its examples). ``balance`` b > 0: each slot of a batch goes to member i with probability
+    ∝ ``loss_i ** b``, ``loss_i`` the running mean (0.8/0.2 per step it appears in) of
+    ``tune``'s objective on its examples (a member not yet seen counts as the worst seen), and
+    then to that member's next example in its own seeded shuffle.
+    """
+
+    def __init__(
+        self, sizes: Sequence[int], batch_size: int, steps: int, seed: int, balance: float
+    ) -> None:
+        from sbora_reg.sbora.training import global_batches
+
+        self.balance, self.batch_size = balance, batch_size
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.sizes = list(sizes)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.running = torch.full((len(sizes),), float("nan"), dtype=torch.float64)
+        self.uniform = iter(
+            global_batches(sum(sizes), batch_size, seed=seed, steps=steps, epochs=1)
+        )
+        self.orders = [torch.randperm(n, generator=self.gen).tolist() for n in sizes]
+        self.taken = [0] * len(sizes)
+
+    def weights(self) -> torch.Tensor:
+        seen = self.running[~self.running.isnan()]
+        worst = float(seen.max()) if seen.numel() else 1.0
+        loss = torch.where(self.running.isnan(), torch.tensor(worst, dtype=torch.float64),
+                           self.running)  # fmt: skip
+        w = loss.clamp_min(1e-12).pow(self.balance) * (torch.tensor(self.sizes) > 0)
+        return w / w.sum()
+
+    def next(self) -> list[int]:
+        if not self.balance:
+            return next(self.uniform)
+        members = torch.multinomial(self.weights(), self.batch_size, True, generator=self.gen)
+        batch = []
+        for i in members.tolist():
+            if self.taken[i] == len(self.orders[i]):  # this member's epoch is over: reshuffle
+                self.orders[i] = torch.randperm(self.sizes[i], generator=self.gen).tolist()
+                self.taken[i] = 0
+            batch.append(self.starts[i] + self.orders[i][self.taken[i]])
+            self.taken[i] += 1
+        return batch
+
+    def observe(self, members: Sequence[int], losses: torch.Tensor) -> None:
+        """The objective's value on each example of the step just taken."""
+        for i in set(members):
+            mean = float(losses[[k for k, m in enumerate(members) if m == i]].mean())
+            old = float(self.running[i])
+            self.running[i] = mean if old != old else 0.8 * old + 0.2 * mean
 
 
 # ---- match: least squares against each member alone, through the composed model, iterated ----
