@@ -11,7 +11,7 @@ A row holds, in increasing module-id order (see ``models.Footprint``)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from sbora_reg.errors import RegistryError
 from sbora_reg.sbora.cells import FA, LORA, VARIANT_CODES, touched
 
-_DTYPES: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+INDEX_DTYPES: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _ID = np.dtype("<i4")
 
 
@@ -39,7 +39,7 @@ def encode(regions: Sequence[tuple[int, str, np.ndarray | None]]) -> dict[str, A
         "variants": codes.tobytes(),
         "counts": np.array([p.size for p in parts], dtype=_ID).tobytes(),
         "width": width,
-        "indices": flat.astype(_DTYPES[width]).tobytes(),
+        "indices": flat.astype(INDEX_DTYPES[width]).tobytes(),
     }
 
 
@@ -57,7 +57,7 @@ class Decoded:
     flat: np.ndarray  # (E,) uint16 when every row has width 2, else uint32
 
 
-def _corrupt() -> RegistryError:
+def corrupt() -> RegistryError:
     return RegistryError("corrupt footprint data in the registry: restore it from a backup")
 
 
@@ -89,7 +89,7 @@ def _decode_rows(rows: Sequence[tuple[Any, Any, Any, Any, Any]]) -> Decoded:
         or [len(b) for b in counts_b] != (n_seg * _ID.itemsize).tolist()
         or not np.isin(widths, (2, 4)).all()
     ):
-        raise _corrupt()
+        raise corrupt()
     module_ids = np.frombuffer(b"".join(mods), dtype=_ID).astype(np.int64)
     codes = np.frombuffer(b"".join(variants), dtype=np.uint8).astype(np.int8)
     counts = np.frombuffer(b"".join(counts_b), dtype=_ID).astype(np.int64)
@@ -103,7 +103,7 @@ def _decode_rows(rows: Sequence[tuple[Any, Any, Any, Any, Any]]) -> Decoded:
         or (codes > LORA).any()
         or (counts[codes == LORA] != 0).any()
     ):
-        raise _corrupt()
+        raise corrupt()
     return Decoded(
         seg_row=np.repeat(np.arange(len(rows), dtype=np.int64), n_seg),
         module_ids=module_ids,
@@ -127,10 +127,10 @@ def _same_layout(first: tuple[Any, ...], blobs: Sequence[Any]) -> Decoded | None
         return None
     rank = int(layout.counts[0])
     if any(len(blob) != width * n_mod * rank for blob in blobs):
-        raise _corrupt()
-    dest = np.empty((n_mod, n_rows, rank), dtype=_DTYPES[width])
+        raise corrupt()
+    dest = np.empty((n_mod, n_rows, rank), dtype=INDEX_DTYPES[width])
     for i, blob in enumerate(blobs):
-        dest[:, i, :] = np.frombuffer(blob, dtype=_DTYPES[width]).reshape(n_mod, rank)
+        dest[:, i, :] = np.frombuffer(blob, dtype=INDEX_DTYPES[width]).reshape(n_mod, rank)
     return Decoded(
         seg_row=np.tile(np.arange(n_rows, dtype=np.int64), n_mod),
         module_ids=np.repeat(layout.module_ids, n_rows),
@@ -144,10 +144,10 @@ def _flat(blobs: Sequence[Any], widths: np.ndarray, row_entries: np.ndarray) -> 
     """Every row's indices in row order (uint16 if all rows are 2 bytes wide, else uint32)."""
     if widths.size == 0 or (widths == widths[0]).all():
         width = int(widths[0]) if widths.size else 2
-        return np.frombuffer(b"".join(blobs), dtype=_DTYPES[width])
+        return np.frombuffer(b"".join(blobs), dtype=INDEX_DTYPES[width])
     flat = np.empty(int(row_entries.sum()), dtype=np.uint32)
     row_start = np.cumsum(row_entries) - row_entries
-    for width, dtype in _DTYPES.items():
+    for width, dtype in INDEX_DTYPES.items():
         sel = np.flatnonzero(widths == width)
         values = np.frombuffer(b"".join(blobs[i] for i in sel.tolist()), dtype=dtype)
         group = row_entries[sel]
@@ -191,69 +191,116 @@ class RowShares:
         return {}
 
 
+def layout_groups(rows: Sequence[Any]) -> dict[tuple[Any, ...], list[int]]:
+    """Positions of the rows of ``(modules, variants, counts, width, indices)`` per layout
+    ``(modules, variants, counts, width)`` bytes: within a group every row's segment j lies
+    at the same offsets of its indices (the usual registry has one group per variant and rank).
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        key = (bytes(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def layout_of(key: tuple[Any, ...], blobs: Sequence[Any]) -> Decoded:
+    """The segments of a layout group (its first row), after checking every row's length."""
+    mods_b, variants_b, counts_b, width = key
+    entries = len(blobs[0]) // width if width in INDEX_DTYPES else -1
+    layout = _decode_rows([(mods_b, variants_b, counts_b, width, blobs[0])])
+    if any(len(b) != len(blobs[0]) for b in blobs) or layout.counts.sum() != entries:
+        raise corrupt()
+    return layout
+
+
+SameAxis = Callable[[int, QueryModule, int], np.ndarray]
+
+
+def group_shares(
+    query: dict[int, QueryModule],
+    shapes: dict[int, tuple[int, int]],
+    layout: Decoded,
+    n_rows: int,
+    same_axis: SameAxis,
+) -> np.ndarray:
+    """``(rows, segments)`` cells each row of one layout group shares with ``query``.
+
+    The numbers of ``overlap.compare``: FA/FA ``out·|C1∩C2|``, FB/FB ``|R1∩R2|·in``, FA/FB
+    ``|R|·|C|``, against a LoRA the other side's cells. Only the same-axis term depends on the
+    rows' indices: ``same_axis(j, q, dim)`` gives, per row, how many of ``q.indices`` segment
+    j holds (a scan of the rows, or an inverted index). A module the query does not touch
+    costs nothing. ``shapes``: module id -> (out, in) of every module the rows use.
+    """
+    shares = np.zeros((n_rows, layout.counts.size), dtype=np.int64)
+    for j, (mid, code, count) in enumerate(
+        zip(layout.module_ids.tolist(), layout.variants.tolist(), layout.counts.tolist(),
+            strict=True)
+    ):  # fmt: skip
+        q = query.get(mid)
+        if q is None:
+            continue
+        if mid not in shapes:
+            raise corrupt()
+        out, inn = shapes[mid]
+        if q.code == LORA:  # every cell of the query: the row's own cells
+            shares[:, j] = int(touched(code, out, inn, count))
+        elif code == LORA:  # the row touches every cell: the query's cells
+            shares[:, j] = q.cells
+        elif code != q.code:  # FA x FB: |R| x |C|
+            shares[:, j] = q.indices.size * count
+        elif count:
+            shares[:, j] = same_axis(j, q, inn if code == FA else out) * (
+                out if code == FA else inn
+            )
+    return shares
+
+
 def shares_against(
     query: dict[int, QueryModule], shapes: dict[int, tuple[int, int]], rows: Sequence[Any]
 ) -> RowShares:
-    """Cells each row of ``(modules, variants, counts, width, indices)`` shares with ``query``.
-
-    The numbers of ``overlap.compare``: FA/FA ``out·|C1∩C2|``, FB/FB ``|R1∩R2|·in``, FA/FB
-    ``|R|·|C|``, against a LoRA the other side's cells. Rows are grouped by layout (the usual
-    registry has one per variant and rank); within a group every row's segment j lies at the same
-    offsets, so the same-axis term is one bitmap gather per module over all the group's rows,
-    read in place (no reordering into a region table), and a module the query does not touch
-    costs nothing. ``shapes``: module id -> (out, in) of every module the rows use.
+    """Cells each row of ``(modules, variants, counts, width, indices)`` shares with ``query``
+    (``group_shares`` per layout group), by scanning the rows' indices: within a group the
+    same-axis term is one bitmap gather per module over all the group's rows, read in place (no
+    reordering into a region table). ``postings`` answers the same from an inverted index.
     """
     totals = np.zeros(len(rows), dtype=np.int64)
-    by_layout: dict[tuple[Any, ...], list[int]] = {}
-    for i, row in enumerate(rows):
-        key = (bytes(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))
-        by_layout.setdefault(key, []).append(i)
-    bitmaps: dict[int, np.ndarray] = {}
+    bitmaps: dict[int, np.ndarray] = {}  # per module, shared by the groups
     groups = []
-    for (mods_b, variants_b, counts_b, width), members in by_layout.items():
+    for key, members in layout_groups(rows).items():
         blobs = [rows[i][4] for i in members]
-        entries = len(blobs[0]) // width if width in _DTYPES else -1
-        layout = _decode_rows([(mods_b, variants_b, counts_b, width, blobs[0])])
-        if any(len(b) != len(blobs[0]) for b in blobs) or layout.counts.sum() != entries:
-            raise _corrupt()
-        mat: np.ndarray | None = None  # joined only if a module needs the same-axis gather
-        starts = np.concatenate(([0], np.cumsum(layout.counts)))
-        shares = np.zeros((len(members), layout.counts.size), dtype=np.int64)
-        for j, (mid, code, count) in enumerate(
-            zip(layout.module_ids.tolist(), layout.variants.tolist(), layout.counts.tolist(),
-                strict=True)
-        ):  # fmt: skip
-            q = query.get(mid)
-            if q is None:
-                continue
-            if mid not in shapes:
-                raise _corrupt()
-            out, inn = shapes[mid]
-            if q.code == LORA:  # every cell of the query: the row's own cells
-                shares[:, j] = int(touched(code, out, inn, count))
-            elif code == LORA:  # the row touches every cell: the query's cells
-                shares[:, j] = q.cells
-            elif code != q.code:  # FA x FB: |R| x |C|
-                shares[:, j] = q.indices.size * count
-            elif count:
-                dim = inn if code == FA else out
-                bitmap = bitmaps.get(mid)
-                if bitmap is None:
-                    # 16-bit rows index a 2^16 bitmap: no bounds check per block (validated
-                    # when stored; a stray index still reads False, never another module)
-                    bitmap = np.zeros(max(dim, 2**16 if width == 2 else dim), dtype=bool)
-                    bitmap[q.indices] = True
-                    bitmaps[mid] = bitmap
-                if mat is None:
-                    mat = np.frombuffer(b"".join(blobs), dtype=_DTYPES[width])
-                    mat = mat.reshape(len(members), -1)
-                # a contiguous copy, then take: twice as fast as fancy indexing the strided view
-                block = np.ascontiguousarray(mat[:, starts[j] : starts[j + 1]])
-                if width != 2 and block.size and int(block.max()) >= dim:
-                    raise _corrupt()
-                hits = np.count_nonzero(bitmap.take(block), axis=1)
-                shares[:, j] = hits * (out if code == FA else inn)
+        layout = layout_of(key, blobs)
+        scan = _Scan(blobs, int(key[3]), layout, bitmaps)
+        shares = group_shares(query, shapes, layout, len(members), scan)
         positions = np.asarray(members, dtype=np.int64)
         totals[positions] = shares.sum(axis=1)
         groups.append((positions, layout.module_ids, shares))
     return RowShares(totals, groups)
+
+
+class _Scan:
+    """``group_shares``'s same-axis term read from one layout group's rows in place."""
+
+    def __init__(
+        self, blobs: Sequence[Any], width: int, layout: Decoded, bitmaps: dict[int, np.ndarray]
+    ) -> None:
+        self.blobs, self.width, self.layout, self.bitmaps = blobs, width, layout, bitmaps
+        self.starts = np.concatenate(([0], np.cumsum(layout.counts)))
+        self.mat: np.ndarray | None = None  # joined only if a module needs the gather
+
+    def __call__(self, j: int, q: QueryModule, dim: int) -> np.ndarray:
+        mid = int(self.layout.module_ids[j])
+        bitmap = self.bitmaps.get(mid)
+        if bitmap is None:
+            # 16-bit rows index a 2^16 bitmap: no bounds check per block (validated when
+            # stored; a stray index still reads False, never another module)
+            bitmap = np.zeros(max(dim, 2**16 if self.width == 2 else dim), dtype=bool)
+            bitmap[q.indices] = True
+            self.bitmaps[mid] = bitmap
+        if self.mat is None:
+            joined = np.frombuffer(b"".join(self.blobs), dtype=INDEX_DTYPES[self.width])
+            self.mat = joined.reshape(len(self.blobs), -1)
+        # a contiguous copy, then take: twice as fast as fancy indexing the strided view
+        block = np.ascontiguousarray(self.mat[:, self.starts[j] : self.starts[j + 1]])
+        if self.width != 2 and block.size and int(block.max()) >= dim:
+            raise corrupt()
+        return np.count_nonzero(bitmap.take(block), axis=1)

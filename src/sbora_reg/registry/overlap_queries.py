@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sbora_reg.registry import footprints
+from sbora_reg.registry import footprints, postings
 from sbora_reg.registry.overlap import Footprint, PairOverlap, compare_all, variant_code
 
 if TYPE_CHECKING:
@@ -76,8 +76,11 @@ def overlap_refs(registry: Registry, refs: Sequence[str]) -> list[PairOverlap]:
     return compare_all([footprint(registry, ref) for ref in refs])
 
 
-def overlap_against_all(registry: Registry, ref: str) -> AgainstAll:
-    """``ref`` against every other adapter on its base, from the packed footprint rows.
+def overlap_against_all(
+    registry: Registry, ref: str, min_rows: int = postings.MIN_ROWS
+) -> AgainstAll:
+    """``ref`` against every other adapter on its base, from the packed footprint rows (through
+    their inverted index, ``postings``, on a base with ``min_rows`` adapters or more).
 
     Every base record with the adapter's fingerprint counts (one architecture registered twice).
     Adapters named like the query are left out; nothing is compared across base models.
@@ -96,16 +99,23 @@ def overlap_against_all(registry: Registry, ref: str) -> AgainstAll:
                 wanted[mod.id] = footprints.QueryModule(
                     variant_code(region), indices, int(mod.shape[0]), int(mod.shape[1])
                 )
-        refs, rows = registry.footprint_rows(base)
-        names: list[str | None] = [refs.get(row[0]) for row in rows]
+        refs, keys = registry.footprint_keys(base)
         shapes = {i: (int(mod.shape[0]), int(mod.shape[1])) for i, mod in by_id.items()}
-        shares = footprints.shares_against(wanted, shapes, [row[1:] for row in rows])
+        sign = postings.signature(
+            base.fingerprint, {i: (mod.name, *shapes[i]) for i, mod in by_id.items()}
+        )
+        parts = postings.against_all(
+            wanted, shapes, keys, lambda ids: registry.footprint_rows(base, ids),  # noqa: B023
+            registry.index_path(base), sign, min_rows,
+        )  # fmt: skip
         module_names = {i: mod.name for i, mod in by_id.items()}
-        report.compared += sum(1 for name in names if name != query.name)
-        hit = np.flatnonzero(shares.totals)
-        for i in hit.tolist():
-            other = names[i]
-            if other is not None and other != query.name:
-                report.found.append(_Found(other, int(shares.totals[i]), shares, i, module_names))
+        report.compared += sum(1 for ref in refs.values() if ref != query.name)
+        for part in parts:
+            hit = np.flatnonzero(part.shares.totals)
+            for i, aid in zip(hit.tolist(), part.ids[hit].tolist(), strict=True):
+                other = refs.get(aid)
+                if other is not None and other != query.name:
+                    found = _Found(other, int(part.shares.totals[i]), part.shares, i, module_names)
+                    report.found.append(found)
     report.found.sort(key=lambda f: -f.total)
     return report

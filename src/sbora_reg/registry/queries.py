@@ -8,7 +8,7 @@ decodes every index blob of one width with a single ``np.frombuffer``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -231,14 +231,29 @@ def packed_to_regions(packed: Packed) -> dict[int, dict[str, Region]]:
     return out
 
 
-def fetch_footprint_rows(conn: Connection, base_id: int) -> list[Any]:
-    """``(adapter id, modules, variants, counts, width, indices)`` of every adapter on a base,
-    in id order (one packed row each, see ``footprints``)."""
+def fetch_keys(conn: Connection, base_id: int) -> tuple[dict[int, str], dict[int, str]]:
+    """Adapter id -> ``name@version`` and adapter id -> content sha256, for every adapter on a
+    base, in id order (what ``postings`` keys its rows by)."""
+    rows = conn.execute(
+        select(_A.id, _A.name, _A.version, _A.sha256).where(_A.base_id == base_id).order_by(_A.id)
+    ).all()
+    refs = {aid: f"{name}@{version}" for aid, name, version, _sha in rows}
+    return refs, {aid: sha for aid, _n, _v, sha in rows}
+
+
+def fetch_footprint_rows(
+    conn: Connection, base_id: int, ids: Sequence[int] | None = None
+) -> list[Any]:
+    """``(adapter id, modules, variants, counts, width, indices)`` of every adapter on a base
+    (or of those ``ids`` among them), in id order (one packed row each, see ``footprints``)."""
     f = m.Footprint.__table__.c
+    on_base = select(_A.id).where(_A.base_id == base_id)
+    if ids is not None:
+        on_base = on_base.where(_A.id.in_([int(i) for i in ids]))
     query = (
         select(f.adapter_id, f.modules, f.variants, f.counts, f.width, f.indices)
         # IN, not a join: SQLite then walks the primary key in order instead of sorting blobs
-        .where(f.adapter_id.in_(select(_A.id).where(_A.base_id == base_id)))
+        .where(f.adapter_id.in_(on_base))
         .order_by(f.adapter_id)
     )
     return _raw_rows(conn, query)

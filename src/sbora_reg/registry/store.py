@@ -537,11 +537,22 @@ class Registry:
         with self.db.translate_errors(), self.db.engine.connect() as conn:
             return q.fetch_region_table(conn, base_rec.id, base_rec.fingerprint)
 
-    def footprint_rows(self, base: BaseRecord) -> tuple[dict[int, str], builtins.list[Any]]:
-        """Adapter id -> ref, and the packed footprint rows of every adapter on ``base``
-        (``queries.fetch_footprint_rows``), read in one transaction."""
+    def footprint_keys(self, base: BaseRecord) -> tuple[dict[int, str], dict[int, str]]:
+        """Adapter id -> ref and adapter id -> content sha256 on ``base`` (``q.fetch_keys``)."""
         with self.db.translate_errors(), self.db.engine.connect() as conn:
-            return q.fetch_refs(conn, base.id), q.fetch_footprint_rows(conn, base.id)
+            return q.fetch_keys(conn, base.id)
+
+    def footprint_rows(
+        self, base: BaseRecord, ids: Sequence[int] | None = None
+    ) -> builtins.list[Any]:
+        """The packed footprint rows of every adapter on ``base``, or of ``ids`` among them
+        (``queries.fetch_footprint_rows``)."""
+        with self.db.translate_errors(), self.db.engine.connect() as conn:
+            return q.fetch_footprint_rows(conn, base.id, ids)
+
+    def index_path(self, base: BaseRecord) -> Path:
+        """Where ``postings`` keeps the overlap index of ``base`` (a cache: safe to delete)."""
+        return self.data_dir / "cache" / f"overlap-base{base.id}.safetensors"
 
     def _refs_on_base(self, base: BaseRecord) -> dict[int, str]:
         with self.db.translate_errors(), self.db.engine.connect() as conn:
