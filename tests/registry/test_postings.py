@@ -140,14 +140,22 @@ def test_postings_shares_equal_the_scan_on_packed_rows(tmp_path: Path, high: int
     postings.write(path, rows, shapes, keys, "sig")
     index = postings._Index.read(path, "sig")
     assert index is not None and postings._Index.read(path, "other") is None
-    assert index.covered() == keys
+    ids = np.array(sorted(keys), dtype=np.int64)
+    current, matched = index.match(ids, postings._sha_array([keys[i] for i in ids]))
+    assert current.all() and matched.all()
+    changed = postings._sha_array([f"{1:064x}" if i == 105 else keys[i] for i in ids[1:]])
+    current, matched = index.match(ids[1:], changed)  # id 100 gone, 105 changed
+    held = np.concatenate([index.array(f"{g}.ids") for g in index.groups])
+    assert set(held[~current].tolist()) == {100, 105}
+    assert ids[1:][~matched].tolist() == [105]
+    current = np.ones(held.size, dtype=bool)
     for code, variant in ((0, "fa"), (1, "fb"), (2, "lora")):
         query = {
             mid: footprints.QueryModule(code, np.sort(rng.choice(200, 5, replace=False)), *shape)
             for mid, shape in shapes.items()
         }
         scan = footprints.shares_against(query, shapes, [row[1:] for row in rows])
-        part = index.shares(query, shapes, keys)
+        part = index.shares(query, shapes, current)
         by_id = {int(aid): i for i, aid in enumerate(part.ids)}
         assert sorted(by_id) == sorted(keys), variant
         for i, row in enumerate(rows):

@@ -10,9 +10,10 @@ The database stays the truth; this file is derived from it and may be deleted at
 It covers a set of rows, each keyed by (adapter id, content sha256). A query reads those keys
 from the database (milliseconds), takes the postings of every covered row still there with the
 same content, scans the rows added (or whose id now holds other content) since with
-``shares_against``, and leaves out covered rows that are gone. When none is on disk, it does not parse, or too many rows are new, the query
-scans everything (as without an index) and then writes a new one: to a temporary file, fsynced
-and renamed over the old, so a killed process leaves the old index or the new one.
+``shares_against``, and leaves out covered rows that are gone. When none is on disk, it does
+not parse, or too many rows are new, the query scans everything (as without an index) and then
+writes a new one: to a temporary file, fsynced and renamed over the old, so a killed process
+leaves the old index or the new one.
 
 The file is a safetensors file (``safetensors.numpy``), read through a memory map so that only
 the touched pages of the lists are read. Per group ``g``: ``g.ids`` (rows,) int64 adapter ids,
@@ -89,12 +90,15 @@ def against_all(
     """
     index = _Index.read(path, sign) if len(keys) >= min_rows else None
     if index is not None:
-        covered = index.covered()
-        new = [i for i, sha in keys.items() if covered.get(i) != sha]  # added or changed
-        gone = sum(1 for i, sha in covered.items() if keys.get(i) != sha)
-        if len(new) + gone <= STALE_SHARE * len(covered):
+        key_ids = np.fromiter(keys, dtype=np.int64, count=len(keys))
+        order = np.argsort(key_ids)
+        key_ids = key_ids[order]
+        key_sha = _sha_array(list(keys.values()))[order]
+        current, matched = index.match(key_ids, key_sha)
+        new = key_ids[~matched].tolist()  # added, or an id that now holds other content
+        if len(new) + int((~current).sum()) <= STALE_SHARE * current.size:
             try:
-                parts = [index.shares(query, shapes, keys)]
+                parts = [index.shares(query, shapes, current)]
             except ValueError as exc:  # lists that do not fit their rows: scan, rebuild
                 log.info("ignoring the overlap index %s: %s", path, exc)
             else:
@@ -109,6 +113,11 @@ def against_all(
         except OSError as exc:  # a read-only data dir: answer without an index
             log.info("could not write the overlap index %s: %s", path, exc)
     return [part]
+
+
+def _sha_array(shas: Sequence[str]) -> np.ndarray:
+    """Hex sha256 strings -> (n, 32) uint8."""
+    return np.frombuffer(bytes.fromhex("".join(shas)), dtype=np.uint8).reshape(len(shas), 32)
 
 
 def _scanned(query: dict[int, QueryModule], shapes: dict[int, tuple[int, int]], rows: Rows) -> Part:
@@ -130,9 +139,7 @@ def build(
         layout = layout_of(key, blobs)
         ids = [int(rows[i][0]) for i in members]
         tensors[f"{g}.ids"] = np.array(ids, dtype=np.int64)
-        tensors[f"{g}.sha"] = np.frombuffer(
-            b"".join(bytes.fromhex(keys[i]) for i in ids), dtype=np.uint8
-        ).reshape(len(ids), 32)
+        tensors[f"{g}.sha"] = _sha_array([keys[i] for i in ids])
         tensors[f"{g}.modules"] = layout.module_ids
         tensors[f"{g}.variants"] = layout.variants
         tensors[f"{g}.counts"] = layout.counts
@@ -223,30 +230,29 @@ class _Index:
             raise ValueError(f"entry {name} out of bounds")
         return self.data[begin:end].view(dtype).reshape(shape)
 
-    def covered(self) -> dict[int, str]:
-        """Adapter id -> content sha256 of every row the index holds."""
-        out: dict[int, str] = {}
-        for g in self.groups:
-            shas = self.array(f"{g}.sha")
-            for i, sha in zip(self.array(f"{g}.ids").tolist(), shas, strict=True):
-                out[i] = bytes(sha).hex()
-        return out
+    def match(self, key_ids: np.ndarray, key_sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of the index's rows (in its order) are still on the base with the same
+        content, and which of the sorted ``key_ids`` (content ``key_sha``) such a row covers."""
+        ids = np.concatenate([self.array(f"{g}.ids") for g in self.groups] or [np.zeros(0, int)])
+        shas = [self.array(f"{g}.sha") for g in self.groups]
+        sha = np.concatenate(shas) if shas else np.zeros((0, 32), np.uint8)
+        at = np.minimum(np.searchsorted(key_ids, ids), max(key_ids.size - 1, 0))
+        current = np.zeros(ids.size, dtype=bool)
+        if key_ids.size:
+            current = (key_ids[at] == ids) & (key_sha[at] == sha).all(axis=1)
+        matched = np.zeros(key_ids.size, dtype=bool)
+        matched[at[current]] = True
+        return current, matched
 
     def shares(
-        self,
-        query: dict[int, QueryModule],
-        shapes: dict[int, tuple[int, int]],
-        keys: dict[int, str],
+        self, query: dict[int, QueryModule], shapes: dict[int, tuple[int, int]], current: np.ndarray
     ) -> Part:
         """``shares_against`` for the rows the index holds, from the postings of the query's
-        indices; rows whose adapter is gone from ``keys`` or changed get id -1."""
+        indices; rows not ``current`` (gone from the base, or changed: ``match``) get id -1."""
         ids_parts, groups, totals, at = [], [], [], 0
         for g in self.groups:
             ids = np.array(self.array(f"{g}.ids"))
-            shas = self.array(f"{g}.sha")
-            for k, (i, sha) in enumerate(zip(ids.tolist(), shas, strict=True)):
-                if keys.get(i) != bytes(sha).hex():
-                    ids[k] = -1
+            ids[~current[at : at + ids.size]] = -1
             layout = Decoded(
                 seg_row=np.zeros(0, np.int64),
                 module_ids=np.array(self.array(f"{g}.modules")),
