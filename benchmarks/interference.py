@@ -3,6 +3,7 @@
     python benchmarks/interference.py [--skills add,sort,last,max,rev,upper] [--sizes 3,6]
         [--seeds 0,1] [--steps 150] [--eval 200] [--probe 256] [--calibrate none,lsq,tune]
         [--variant fa] [--out benchmarks/results/interference.md] [--workdir DIR]
+        [--tune-balance B] [--tune-lr LR] [--tune-steps N]  (tune's constants, in the label)
 
 The issue's setup through the project's own library calls: SmolLM2-135M-Instruct (from PyPI),
 per skill ``allocate`` (r=16 on q,k,v,up,down, disjoint), ``train_and_register`` with a probe
@@ -159,11 +160,22 @@ def main() -> None:
         "--tune-balance", type=float, default=None,
         help="tune's member sampling exponent (sbora.calibrate.TUNE_BALANCE); labels the rows",
     )  # fmt: skip
+    parser.add_argument("--tune-lr", type=float, default=None, help="sbora.calibrate.TUNE_LR")
+    parser.add_argument(
+        "--tune-steps", type=int, default=None, help="sbora.calibrate.TUNE_STEPS_PER_MEMBER"
+    )
     args = parser.parse_args()
-    if args.tune_balance is not None:
-        from sbora_reg.sbora import calibrate
+    from sbora_reg.sbora import calibrate
 
-        calibrate.TUNE_BALANCE = args.tune_balance
+    tuned = []  # what differs from tune's defaults, for the rows' label
+    for value, constant, what in (
+        (args.tune_balance, "TUNE_BALANCE", "balance"),
+        (args.tune_lr, "TUNE_LR", "lr"),
+        (args.tune_steps, "TUNE_STEPS_PER_MEMBER", "steps/member"),
+    ):
+        if value is not None:
+            setattr(calibrate, constant, value)
+            tuned.append(f"{what} {value:g}")
 
     from sbora_reg.demo.base import prepare_base
 
@@ -194,8 +206,8 @@ def main() -> None:
             for method in args.calibrate.split(","):
                 rows = composed_rows(args, base, work, refs[:k], method, evals, alone)
                 label = method if args.variant == "fa" else f"{method} (FB)"
-                if method == "tune" and args.tune_balance is not None:
-                    label += f" (balance {args.tune_balance:g})"
+                if method == "tune" and tuned:
+                    label += f" ({', '.join(tuned)})"
                 text = "".join(
                     f"| {seed} | {k} | {label} | {r['skill']} | {r['base']:.2f} | "
                     f"{r['alone']:.2f} | {r['composed']:.2f} | {r['kept']:.2f} | "

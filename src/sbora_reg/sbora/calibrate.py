@@ -195,7 +195,7 @@ def tune(
     *,
     start: Sequence[Adapter] | None = None,
     steps: int | None = None,
-    lr: float = TUNE_LR,
+    lr: float | None = None,
     batch_size: int = TUNE_BATCH,
     every_position: float = TUNE_EVERY_POSITION,
     hidden: float = TUNE_HIDDEN,
@@ -237,6 +237,7 @@ def tune(
     device = next(model.parameters()).device
     rows = [(i, ex) for i, examples in enumerate(sets) for ex in examples]
     balance = TUNE_BALANCE if balance is None else balance
+    lr = TUNE_LR if lr is None else lr  # read here, so that a benchmark can set the constants
     sampler = _Sampler([len(examples) for examples in sets], batch_size, steps, seed, balance)
     teachers: list[_Teacher] = []
     with torch.no_grad():
