@@ -219,7 +219,7 @@ SameAxis = Callable[[int, QueryModule, int], np.ndarray]
 def group_shares(
     query: dict[int, QueryModule],
     shapes: dict[int, tuple[int, int]],
-    layout: Decoded,
+    segments: tuple[np.ndarray, np.ndarray, np.ndarray],
     n_rows: int,
     same_axis: SameAxis,
 ) -> np.ndarray:
@@ -229,13 +229,14 @@ def group_shares(
     ``|R|·|C|``, against a LoRA the other side's cells. Only the same-axis term depends on the
     rows' indices: ``same_axis(j, q, dim)`` gives, per row, how many of ``q.indices`` segment
     j holds (a scan of the rows, or an inverted index). A module the query does not touch
-    costs nothing. ``shapes``: module id -> (out, in) of every module the rows use.
+    costs nothing. ``segments``: the group's module ids, variant codes and index counts per
+    segment; ``shapes``: module id -> (out, in) of every module the rows use.
     """
-    shares = np.zeros((n_rows, layout.counts.size), dtype=np.int64)
+    module_ids, variants, counts = segments
+    shares = np.zeros((n_rows, counts.size), dtype=np.int64)
     for j, (mid, code, count) in enumerate(
-        zip(layout.module_ids.tolist(), layout.variants.tolist(), layout.counts.tolist(),
-            strict=True)
-    ):  # fmt: skip
+        zip(module_ids.tolist(), variants.tolist(), counts.tolist(), strict=True)
+    ):
         q = query.get(mid)
         if q is None:
             continue
@@ -270,7 +271,8 @@ def shares_against(
         blobs = [rows[i][4] for i in members]
         layout = layout_of(key, blobs)
         scan = _Scan(blobs, int(key[3]), layout, bitmaps)
-        shares = group_shares(query, shapes, layout, len(members), scan)
+        segments = (layout.module_ids, layout.variants, layout.counts)
+        shares = group_shares(query, shapes, segments, len(members), scan)
         positions = np.asarray(members, dtype=np.int64)
         totals[positions] = shares.sum(axis=1)
         groups.append((positions, layout.module_ids, shares))

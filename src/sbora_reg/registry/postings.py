@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ import numpy as np
 
 from sbora_reg.registry.footprints import (
     INDEX_DTYPES,
-    Decoded,
     QueryModule,
     RowShares,
     corrupt,
@@ -49,6 +47,7 @@ from sbora_reg.registry.footprints import (
     shares_against,
 )
 from sbora_reg.sbora.cells import FA, FB
+from sbora_reg.sbora.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -176,21 +175,12 @@ def build(
 def write(
     path: Path, rows: Rows, shapes: dict[int, tuple[int, int]], keys: dict[int, str], sign: str
 ) -> None:
-    """Build the index of ``rows`` and replace ``path`` with it atomically."""
-    from safetensors.numpy import save_file
+    """Build the index of ``rows`` and replace ``path`` with it atomically (``write_atomic``:
+    a temp file beside it, fsynced, then renamed)."""
+    from safetensors.numpy import save
 
-    tensors = build(rows, shapes, keys)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "signature": sign})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save(build(rows, shapes, keys), metadata={"format": FORMAT, "signature": sign})
+    write_atomic(path, data)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -260,17 +250,12 @@ class _Index:
         for g in self.groups:
             ids = np.array(self.array(f"{g}.ids"))
             ids[~current[at : at + ids.size]] = -1
-            layout = Decoded(
-                seg_row=np.zeros(0, np.int64),
-                module_ids=np.array(self.array(f"{g}.modules")),
-                variants=np.array(self.array(f"{g}.variants")),
-                counts=np.array(self.array(f"{g}.counts")),
-                flat=np.zeros(0, np.uint16),
-            )
-            shares = group_shares(query, shapes, layout, ids.size, _Lookup(self, g, ids.size))
+            module_ids = np.array(self.array(f"{g}.modules"))
+            segments = (module_ids, self.array(f"{g}.variants"), self.array(f"{g}.counts"))
+            shares = group_shares(query, shapes, segments, ids.size, _Lookup(self, g, ids.size))
             positions = np.arange(at, at + ids.size, dtype=np.int64)
             ids_parts.append(ids)
-            groups.append((positions, layout.module_ids, shares))
+            groups.append((positions, module_ids, shares))
             totals.append(shares.sum(axis=1))
             at += ids.size
         all_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
