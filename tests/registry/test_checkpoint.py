@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from sbora_reg.errors import AdapterFormatError, SboraRegError
+from sbora_reg.registry import checkpoint
 from sbora_reg.registry.checkpoint import (
     INDEX_NAME,
+    Backlog,
     OutSpec,
     ShardWriter,
     atomic_dir,
@@ -110,6 +114,54 @@ def test_copy_raw_with_patch(
             want[1] *= 2
         assert torch.equal(back[name], want), name
     assert digest == hashlib.sha256((tmp_path / "out.safetensors").read_bytes()).hexdigest()
+
+
+class _CountingBacklog(Backlog):
+    """A backlog that remembers the most bytes it ever held at once."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.most = 0
+
+    def take(self, n: int) -> None:
+        super().take(n)
+        self.most = max(self.most, self._pending)
+
+
+def test_shards_sharing_a_backlog_hash_right_and_stay_within_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_back = checkpoint._hash_range
+
+    def slow(*args: Any) -> Any:  # a hasher slower than the copies: the bound has to hold
+        job = read_back(*args)
+        return lambda sha: (time.sleep(0.005), job(sha))
+
+    monkeypatch.setattr(checkpoint, "_hash_range", slow)
+    tensors = _tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    entries = {e.name: e for e in open_checkpoint_single(src).tensors}
+    specs = [OutSpec(n, entries[n].dtype, tuple(t.shape)) for n, t in tensors.items()]
+    limit = 64  # a.weight (140 bytes) is bigger: it waits until the backlog is empty
+    backlog = _CountingBacklog(limit)
+    closing = {}
+    for k in range(3):  # shards finished while the next is written, as a merge writes them
+        out = tmp_path / f"out{k}.safetensors"
+        writer = ShardWriter(out, specs, {}, backlog)
+        for name in tensors:
+            writer.copy_raw(name, entries[name])
+        closing[out] = writer.close()
+    aborted = ShardWriter(tmp_path / "gone.safetensors", specs, {}, backlog)
+    aborted.copy_raw("a.weight", entries["a.weight"])
+    aborted.abort()  # a cancelled read-back gives its bytes back too
+    for out, digest in closing.items():
+        assert digest.result() == hashlib.sha256(out.read_bytes()).hexdigest()
+        assert load_file(out).keys() == tensors.keys()
+    biggest = max(e.nbytes for e in entries.values())
+    assert biggest > limit and 0 < backlog.most <= biggest
+    backlog.take(limit)  # everything given back: a full limit fits again at once
+    assert backlog._pending == limit
 
 
 def test_shard_writer_refuses_unplanned_tensor(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def _render(result: ComposeResult) -> None:
     show_default=True,
     help="lsq: before merging, re-solve each member's factors on its own region so that the sum "
     "does on every member's probe inputs what that member alone does there (least squares on "
-    "the base's activations; regions never change). tune: lsq, then 50 steps per member of "
+    "the base's activations; regions never change). tune: lsq, then 100 steps per member of "
     "distillation from each member alone through the whole composed model (its next-token "
     "distributions at every position and its hidden states; the best measured, see the README; "
     "minutes on a CPU). match: lsq against each member alone's module outputs, iterated. auto: "

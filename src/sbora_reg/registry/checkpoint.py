@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
 _SYNC_EVERY = 64 << 20  # bytes written between background fdatasyncs of a shard
-_HASH_QUEUE = 4  # read-back hash jobs that may wait for the hasher at once
+_HASH_BEHIND = 1 << 30  # bytes written but not yet hashed back, across an output's shards
 _HASH_CHUNK = 1 << 20  # bytes per read-back while hashing (stays in cache between read and hash)
 _copy_file_range = getattr(os, "copy_file_range", None)  # Linux only; plain reads elsewhere
 
@@ -227,10 +228,36 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+class Backlog:
+    """Bytes copied into an output but not yet read back by its hashers, bounded.
+
+    One is shared by the shards of an output, so the writer may run ahead of the hashing by up
+    to ``limit`` bytes: the hashers of several finished shards then run at once, one per core,
+    while the read-back still finds the bytes in the page cache.
+    """
+
+    def __init__(self, limit: int = _HASH_BEHIND) -> None:
+        self._limit = limit
+        self._pending = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit (a range bigger than the limit waits to be alone)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending or self._pending + n <= self._limit)
+            self._pending += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._pending -= n
+            self._cond.notify_all()
+
+
 class _Hasher:
     """sha256 fed on one worker thread, so hashing overlaps the copy (hashlib drops the GIL)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backlog: Backlog | None = None) -> None:
+        self._backlog = backlog or Backlog()
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sbora-sha256")
         self._buffer = memoryview(bytearray(_HASH_CHUNK))  # the one worker's, used in order
@@ -242,15 +269,25 @@ class _Hasher:
         self._submit(lambda sha: sha.update(data), queue=1)
 
     def feed_range(self, path: Path, start: int, end: int) -> None:
-        """Hash bytes ``start:end`` of ``path``, read back, after everything before it; up to
-        ``_HASH_QUEUE`` such jobs wait at once, so a burst of quick kernel copies does not wait
+        """Hash bytes ``start:end`` of ``path``, read back, after everything before it; such
+        jobs wait only while the backlog is full, so a burst of quick kernel copies does not wait
         for the hash."""
-        self._submit(_hash_range(path, start, end, self._buffer), queue=_HASH_QUEUE)
+        n = end - start
+        self._backlog.take(n)
+        try:
+            job = self._submit(_hash_range(path, start, end, self._buffer), queue=None)
+        except BaseException:
+            self._backlog.give(n)
+            raise
+        job.add_done_callback(lambda _: self._backlog.give(n))  # also when cancelled
 
-    def _submit(self, job: Callable[[Any], None], queue: int) -> None:
-        while len(self._jobs) >= queue:
+    def _submit(self, job: Callable[[Any], None], queue: int | None) -> Future[None]:
+        while queue is not None and len(self._jobs) >= queue:
             self._jobs.popleft().result()
+        while self._jobs and self._jobs[0].done():
+            self._jobs.popleft().result()  # re-raises a failed job's error now
         self._jobs.append(self._pool.submit(job, self._sha))
+        return self._jobs[-1]
 
     def wait(self) -> None:
         while self._jobs:
@@ -300,7 +337,13 @@ class ShardWriter:
     that pass through unchanged are copied by the kernel (``os.copy_file_range``) where it can.
     """
 
-    def __init__(self, path: Path, specs: Sequence[OutSpec], metadata: dict[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        specs: Sequence[OutSpec],
+        metadata: dict[str, str],
+        backlog: Backlog | None = None,
+    ):
         header: dict[str, object] = {"__metadata__": metadata}
         offset = 0
         for spec in specs:
@@ -314,7 +357,7 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)
         self.path = path
         self._pending = list(specs)
-        self._hasher = _Hasher()
+        self._hasher = _Hasher(backlog)
         # Read-write: copied tensors are patched in place through a shared memory map.
         self._f: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed in close()/abort()
         # Written bytes reach the disk while the rest is written (fdatasync on a worker every

@@ -30,6 +30,7 @@ from sbora_reg.registry.checkpoint import (
     DTYPES,
     FLOAT_DTYPES,
     INDEX_NAME,
+    Backlog,
     Checkpoint,
     OutSpec,
     ShardWriter,
@@ -184,11 +185,12 @@ def write_merged_weights(
     names = shard_names(len(plan))
     entries = {t.name: t for t in ckpt.tensors}
     closing: dict[str, Future[str]] = {}  # shards being fsynced while the next is written
+    backlog = Backlog()  # finished shards' hashers run beside the next shard's writing
     done = 0
     try:
         with _one_thread():
             for file, shard in zip(names, plan, strict=True):
-                writer = ShardWriter(out / file, shard, {"format": "pt"})
+                writer = ShardWriter(out / file, shard, {"format": "pt"}, backlog)
                 try:
                     for spec in shard:
                         _write_one(writer, spec, entries[spec.name], touched.get(spec.name))

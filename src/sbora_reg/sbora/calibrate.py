@@ -43,7 +43,7 @@ RIDGE = 1e-8
 PRIOR = 0.0  # ε of lsq: how strongly each factor is held to its trained value (measured best)
 MATCH_PRIOR = 1.0  # ε of match, which without it runs away from the data (measured)
 # chosen on benchmarks/interference.py; steps per member (each example seen ~6 times)
-TUNE_STEPS_PER_MEMBER, TUNE_LR, TUNE_BATCH = 50, 5e-4, 16
+TUNE_STEPS_PER_MEMBER, TUNE_LR, TUNE_BATCH = 100, 1e-3, 16
 TUNE_EVERY_POSITION, TUNE_HIDDEN = 1.0, 1.0  # weights of tune's prompt-position and hidden terms
 TUNE_BALANCE = 0.0  # exponent of tune's member sampling on running loss (0: every row alike)
 
