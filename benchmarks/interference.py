@@ -210,7 +210,7 @@ def main() -> None:
                     label += f" ({', '.join(tuned)})"
                 text = "".join(
                     f"| {seed} | {k} | {label} | {r['skill']} | {r['base']:.2f} | "
-                    f"{r['alone']:.2f} | {r['composed']:.2f} | {r['kept']:.2f} | "
+                    f"{r['alone']:.2f} | {r['composed']:.2f} | {r['kept']:.3f} | "
                     f"{r['prompts']} |\n"
                     for r in rows
                 )
