@@ -45,7 +45,7 @@ DEFAULT_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
 _SYNC_EVERY = 64 << 20  # bytes written between background fdatasyncs of a shard
 _HASH_BEHIND = 1 << 30  # bytes written but not yet hashed back, across an output's shards
-_HASH_CHUNK = 1 << 20  # bytes per read-back while hashing (stays in cache between read and hash)
+_HASH_WINDOW = 16 << 20  # bytes of written output mapped at a time for the hasher to read
 _copy_file_range = getattr(os, "copy_file_range", None)  # Linux only; plain reads elsewhere
 
 DTYPES: dict[str, torch.dtype] = {
@@ -260,7 +260,6 @@ class _Hasher:
         self._backlog = backlog or Backlog()
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sbora-sha256")
-        self._buffer = memoryview(bytearray(_HASH_CHUNK))  # the one worker's, used in order
         self._jobs: collections.deque[Future[None]] = collections.deque()
 
     def feed(self, data: Any) -> None:
@@ -275,7 +274,7 @@ class _Hasher:
         n = end - start
         self._backlog.take(n)
         try:
-            job = self._submit(_hash_range(path, start, end, self._buffer), queue=None)
+            job = self._submit(_hash_range(path, start, end), queue=None)
         except BaseException:
             self._backlog.give(n)
             raise
@@ -311,21 +310,25 @@ class _Hasher:
         self._pool.shutdown(cancel_futures=True)
 
 
-def _hash_range(path: Path, start: int, end: int, buffer: memoryview) -> Callable[[Any], None]:
-    """A hasher job: bytes ``start:end`` of ``path`` read back through ``buffer`` (the page
-    cache still holds them; one reused buffer costs no page faults, a fresh map of the file
-    per tensor cost one per page)."""
+def _hash_range(path: Path, start: int, end: int) -> Callable[[Any], None]:
+    """A hasher job: bytes ``start:end`` of ``path``, which the page cache still holds, hashed
+    straight from the cache through read-only maps of ``_HASH_WINDOW`` bytes, populated at once
+    (one fault per window, not per page, and no copy into a buffer: on the 1.5 GB benchmark
+    1.33-1.37 s a compose against 1.43-1.57 s reading back through a reused 1 MiB buffer)."""
 
     def job(sha: Any) -> None:
         with open(path, "rb", buffering=0) as f:
-            f.seek(start)
-            left = end - start
-            while left > 0:
-                n = f.readinto(buffer[: min(left, len(buffer))])
-                if not n:
-                    raise InternalError(f"internal: {path} is shorter than what was written")
-                sha.update(buffer[:n])
-                left -= n
+            pos = start
+            while pos < end:
+                base = pos - pos % mmap.ALLOCATIONGRANULARITY  # map offsets must be aligned
+                n = min(end - pos, _HASH_WINDOW)
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # Linux only
+                with (
+                    mmap.mmap(f.fileno(), pos + n - base, flags, mmap.PROT_READ, offset=base) as mm,
+                    memoryview(mm) as view,
+                ):
+                    sha.update(view[pos - base : pos - base + n])
+                pos += n
 
     return job
 
