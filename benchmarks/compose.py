@@ -16,7 +16,9 @@ in a fresh subprocess and interleaved:
   ``Adapter.to_peft`` exports, LoRA with the identity factor materialised), ``save_pretrained``
   (no fsync: as a user runs it).
 
-Inside the child, after its imports, the operation alone is timed and its peak RSS taken above
+Before each child the parent runs ``sync``, so that no operation pays for the writeback an
+earlier one (the PEFT path's unsynced save, a plain copy) left behind. Inside the child, after
+its imports, the operation alone is timed and its peak RSS taken above
 the child's RSS just before it starts (the kernel's high-water mark, reset through
 /proc/self/clear_refs so imports and set-up do not count; where that is unavailable,
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss``). The parent also times each child whole
@@ -221,6 +223,7 @@ def child(op: str, base: Path, out: Path, members: list[Path]) -> None:
 
 def run_child(op: str, base: Path, out: Path, members: list[Path]) -> dict:  # type: ignore[type-arg]
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # start from a quiet disk: no earlier operation's writeback runs into this one
     cmd = [sys.executable, __file__, "--child", op, "--base", str(base), "--out", str(out)]
     cmd += [str(p) for p in members]
     t0 = time.perf_counter()
