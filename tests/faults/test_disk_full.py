@@ -92,9 +92,11 @@ def test_add_on_a_full_file_system(tmp_path: Path, small_fs: Path | None) -> Non
 
 
 def test_compose_with_no_room_for_the_output(world: World) -> None:
+    """One output file above the limit (the base's own shards are below it)."""
     out = world.root / "out"
     before = snapshot(world.db)
-    done = run(world.db, *compose_args(world, out), preexec_fn=file_size_limit())
+    args = compose_args(world, out, "merged", "--shard-size", "10MB")
+    done = run(world.db, *args, preexec_fn=file_size_limit())
     assert_one_error(done, "no room")
     no_finished_output(out)
     assert temps(world.root) == []

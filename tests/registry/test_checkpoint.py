@@ -22,6 +22,7 @@ from sbora_reg.registry.checkpoint import (
     atomic_dir,
     open_checkpoint,
     parse_size,
+    plan_output,
     plan_shards,
     shard_names,
 )
@@ -57,6 +58,40 @@ def test_plan_shards_respects_limit_and_order() -> None:
     assert [[s.name for s in shard] for shard in plan] == [["t0", "t1"], ["t2"], ["t3", "t4", "t5"]]
     assert shard_names(1) == ["model.safetensors"]
     assert shard_names(3)[2] == "model-00003-of-00003.safetensors"
+
+
+def _split(path: Path, files: dict[str, list[str]]) -> Path:
+    """A checkpoint directory with ``_tensors()`` split over ``files`` and an index."""
+    tensors = _tensors()
+    path.mkdir()
+    for file, names in files.items():
+        save_file({n: tensors[n] for n in names}, path / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, names in files.items() for n in names}
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (path / INDEX_NAME).write_text(json.dumps(index))
+    return path
+
+
+def test_plan_output_keeps_the_base_layout_unless_a_size_is_given(tmp_path: Path) -> None:
+    files = {"part-b.safetensors": ["a.weight", "d.ids"], "part-a.safetensors": ["b.weight"]}
+    files["part-c.safetensors"] = ["c.half", "e.mask", "f.scalar"]
+    ckpt = open_checkpoint(_split(tmp_path / "base", files))
+    # a cast changes the sizes, not the layout
+    specs = [OutSpec(t.name, "F16" if t.dtype == "F32" else t.dtype, t.shape) for t in ckpt.tensors]
+    layout = {file: sorted(s.name for s in shard) for file, shard in plan_output(ckpt, specs, None)}
+    assert layout == {file: sorted(names) for file, names in files.items()}
+    planned = plan_output(ckpt, specs, 60)
+    assert [file for file, _ in planned] == shard_names(len(planned))
+    assert [s.name for _, shard in planned for s in shard] == [s.name for s in specs]
+    assert max(sum(s.nbytes for s in shard) for _, shard in planned if len(shard) > 1) <= 60
+
+
+def test_plan_output_of_one_file_is_model_safetensors(tmp_path: Path) -> None:
+    """An index over one shard, under any name, becomes a plain ``model.safetensors``."""
+    ckpt = open_checkpoint(_split(tmp_path / "base", {"weights-1.safetensors": [*_tensors()]}))
+    specs = [OutSpec(t.name, t.dtype, t.shape) for t in ckpt.tensors]
+    ((file, shard),) = plan_output(ckpt, specs, None)
+    assert (file, shard) == ("model.safetensors", specs)
 
 
 def test_shard_writer_output_is_read_by_safetensors(tmp_path: Path) -> None:
@@ -176,18 +211,10 @@ def test_shard_writer_refuses_unplanned_tensor(tmp_path: Path) -> None:
 
 
 def _sharded(tmp_path: Path) -> Path:
-    folder = tmp_path / "base"
-    folder.mkdir()
-    tensors = _tensors()
-    names = list(tensors)
-    weight_map = {}
-    for i, part in enumerate((names[:3], names[3:])):
-        file = f"model-0000{i + 1}-of-00002.safetensors"
-        save_file({n: tensors[n] for n in part}, folder / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (folder / INDEX_NAME).write_text(json.dumps(index))
-    return folder
+    names = list(_tensors())
+    files = {"model-00001-of-00002.safetensors": names[:3]}
+    files["model-00002-of-00002.safetensors"] = names[3:]
+    return _split(tmp_path / "base", files)
 
 
 def test_open_sharded_checkpoint(tmp_path: Path) -> None:

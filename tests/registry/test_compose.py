@@ -174,6 +174,25 @@ def test_sharded_base_bf16_out_and_logits(tmp_path: Path) -> None:
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
+def test_a_sharded_base_gives_the_same_files_by_default(tmp_path: Path) -> None:
+    """Without ``shard_size`` every tensor lands in the output file named like the base's."""
+    base = save_llama(tmp_path / "base", shard="60KB")
+    a = make_adapter(base, {Q.format(0): ("fa", [0, 9]), V.format(1): ("fb", [3])}, 1)
+    ms = members(a)
+    out = tmp_path / "out"
+    result = compose_members(ms, base, out, command="test")
+    assert (
+        json.loads((out / INDEX_NAME).read_text())["weight_map"]
+        == (json.loads((base / INDEX_NAME).read_text())["weight_map"])
+    )
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 2
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert {*shards, INDEX_NAME} <= set(result.files)
+    assert_exact(out, base, ms)
+    AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
 def test_merged_model_logits_equal_dense_reference(llama: Path, tmp_path: Path) -> None:
     a = make_adapter(llama, {Q.format(0): ("fa", [0, 9]), V.format(1): ("fb", [3])}, 1)
     b = make_adapter(llama, {Q.format(1): ("fa", [5]), V.format(0): ("fb", [0, 1, 2])}, 2)

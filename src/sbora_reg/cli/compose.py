@@ -78,7 +78,8 @@ def _render(result: ComposeResult) -> None:
 @click.option(
     "--shard-size",
     callback=_shard_size,
-    help="Largest output shard, e.g. 500MB (merged only) [default: 5GB].",
+    help="Largest output shard, e.g. 500MB (merged only) [default: the base's own files, each "
+    "tensor in the file of the same name].",
 )
 @click.option("--dry-run", is_flag=True, help="Run every check, write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")

@@ -41,7 +41,6 @@ from sbora_reg.sbora.files import stale_temps
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-DEFAULT_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 16 << 20  # bytes per read when a tensor is copied through unchanged
 _SYNC_EVERY = 64 << 20  # bytes written between background fdatasyncs of a shard
 _HASH_BEHIND = 1 << 30  # bytes written but not yet hashed back, across an output's shards
@@ -226,6 +225,28 @@ def shard_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_NAME]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def plan_output(
+    ckpt: Checkpoint, specs: Sequence[OutSpec], max_bytes: int | None
+) -> list[tuple[str, list[OutSpec]]]:
+    """The output's files and their tensors, in order: shards of at most ``max_bytes`` with
+    transformers' names, or (``None``) the base's own layout, each tensor in the file of the
+    same name (one file is always ``model.safetensors``). ``specs`` follow ``ckpt.tensors``.
+
+    Keeping the base's shards keeps the output's files comparable with the base's one by one,
+    and lets the shards of a big output be hashed side by side.
+    """
+    if max_bytes is not None:
+        plan = plan_shards(specs, max_bytes)
+        return list(zip(shard_names(len(plan)), plan, strict=True))
+    by_file: dict[Path, list[OutSpec]] = {file: [] for file in ckpt.files}
+    for entry, spec in zip(ckpt.tensors, specs, strict=True):
+        by_file[entry.file].append(spec)
+    layout = [(file.name, shard) for file, shard in by_file.items() if shard]
+    if len(layout) <= 1:
+        return [(SINGLE_NAME, layout[0][1] if layout else [])]
+    return layout
 
 
 class Backlog:

@@ -24,7 +24,6 @@ from sbora_reg import __version__, faults
 from sbora_reg.errors import ConfigError, FingerprintMismatchError, OverlapError, ShapeMismatchError
 from sbora_reg.registry import models
 from sbora_reg.registry.checkpoint import (
-    DEFAULT_SHARD_SIZE,
     INDEX_NAME,
     atomic_dir,
     check_free_space,
@@ -294,7 +293,7 @@ def compose_merged(
     out: str | Path,
     *,
     dtype: str | None = None,
-    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    shard_size: int | str | None = None,
     progress: Progress | None = None,
     allow_overlap: bool = False,
     force: bool = False,
@@ -312,7 +311,7 @@ def compose_merged(
     """
     if dtype is not None and dtype not in OUT_DTYPE_NAMES:
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(OUT_DTYPE_NAMES)}")
-    size = parse_size(shard_size)
+    size = None if shard_size is None else parse_size(shard_size)
     checked = _check(
         members, base_dir, out, "merged", dtype, allow_overlap, force, dry_run, calibration
     )
@@ -435,9 +434,8 @@ def compose_members(
         "calibration": calibration,
     }  # fmt: skip
     if fmt == "merged":
-        size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
         return compose_merged(
-            members, base_dir, out, dtype=dtype, shard_size=size, progress=progress, **common
+            members, base_dir, out, dtype=dtype, shard_size=shard_size, progress=progress, **common
         )
     if dtype is not None:
         raise ConfigError("--dtype applies to --format merged only (adapters stay float32)")

@@ -25,7 +25,6 @@ import torch
 from sbora_reg import faults
 from sbora_reg.errors import InternalError, QuantizationError, ShapeMismatchError
 from sbora_reg.registry.checkpoint import (
-    DEFAULT_SHARD_SIZE,
     DTYPE_NAMES,
     DTYPES,
     FLOAT_DTYPES,
@@ -36,9 +35,8 @@ from sbora_reg.registry.checkpoint import (
     ShardWriter,
     TensorEntry,
     file_sha256,
-    plan_shards,
+    plan_output,
     read_tensor,
-    shard_names,
 )
 from sbora_reg.registry.manifest import member_ref
 from sbora_reg.sbora.adapter import Adapter, AdapterModule, stack_modules
@@ -176,20 +174,22 @@ def write_merged_weights(
     touched: dict[str, list[AdapterModule]],
     out: Path,
     dtype: torch.dtype | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_size: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, str]:
-    """Stream the merged weights into ``out`` (shards + index); returns file name -> sha256."""
+    """Stream the merged weights into ``out`` (shards + index); returns file name -> sha256.
+
+    ``shard_size`` None keeps the base's own files (``plan_output``).
+    """
     specs = out_specs(ckpt, dtype)
-    plan = plan_shards(specs, shard_size)
-    names = shard_names(len(plan))
+    plan = plan_output(ckpt, specs, shard_size)
     entries = {t.name: t for t in ckpt.tensors}
     closing: dict[str, Future[str]] = {}  # shards being fsynced while the next is written
     backlog = Backlog()  # finished shards' hashers run beside the next shard's writing
     done = 0
     try:
         with _one_thread():
-            for file, shard in zip(names, plan, strict=True):
+            for file, shard in plan:
                 writer = ShardWriter(out / file, shard, {"format": "pt"}, backlog)
                 try:
                     for spec in shard:
@@ -208,7 +208,7 @@ def write_merged_weights(
     if len(plan) > 1:
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs)},
-            "weight_map": {s.name: f for f, shard in zip(names, plan, strict=True) for s in shard},
+            "weight_map": {s.name: f for f, shard in plan for s in shard},
         }
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         hashes[INDEX_NAME] = file_sha256(out / INDEX_NAME)
