@@ -151,25 +151,6 @@ def test_copy_raw_with_patch(
     assert digest == hashlib.sha256((tmp_path / "out.safetensors").read_bytes()).hexdigest()
 
 
-def test_a_failed_update_is_raised_not_lost(tmp_path: Path) -> None:
-    """Updates run on the hasher's thread: their error comes back to the writer."""
-    tensors = _tensors()
-    src = tmp_path / "src.safetensors"
-    save_file(tensors, src)
-    entries = {e.name: e for e in open_checkpoint_single(src).tensors}
-    specs = [OutSpec(n, entries[n].dtype, tuple(t.shape)) for n, t in tensors.items()]
-    writer = ShardWriter(tmp_path / "out.safetensors", specs, {})
-
-    def broken(t: torch.Tensor) -> None:
-        raise ValueError("update failed")
-
-    with pytest.raises(ValueError, match="update failed"):
-        for name in tensors:
-            writer.copy_raw(name, entries[name], broken if name == "a.weight" else None)
-        writer.close().result()
-    writer.abort()
-
-
 class _CountingBacklog(Backlog):
     """A backlog that remembers the most bytes it ever held at once."""
 

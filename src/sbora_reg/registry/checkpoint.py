@@ -30,7 +30,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -289,24 +288,14 @@ class _Hasher:
         every earlier job is done: one tensor in memory at most."""
         self._submit(lambda sha: sha.update(data), queue=1)
 
-    def feed_range(
-        self, path: Path, start: int, end: int, first: Callable[[], None] | None = None
-    ) -> None:
-        """Hash bytes ``start:end`` of ``path``, read back, after everything before it (and after
-        ``first()``, run on the hasher's thread: the in-place update of those bytes); such jobs
-        wait only while the backlog is full, so a burst of quick kernel copies does not wait for
-        the hash."""
+    def feed_range(self, path: Path, start: int, end: int) -> None:
+        """Hash bytes ``start:end`` of ``path``, read back, after everything before it; such
+        jobs wait only while the backlog is full, so a burst of quick kernel copies does not wait
+        for the hash."""
         n = end - start
         self._backlog.take(n)
-        hash_range = _hash_range(path, start, end)
-
-        def update_and_hash(sha: Any) -> None:
-            if first is not None:
-                first()
-            hash_range(sha)
-
         try:
-            job = self._submit(update_and_hash, queue=None)
+            job = self._submit(_hash_range(path, start, end), queue=None)
         except BaseException:
             self._backlog.give(n)
             raise
@@ -339,8 +328,7 @@ class _Hasher:
         return done
 
     def abort(self) -> None:
-        """Drop the jobs not started; wait for the running one (it may be writing the file)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(cancel_futures=True)
 
 
 def _hash_range(path: Path, start: int, end: int) -> Callable[[Any], None]:
@@ -457,10 +445,9 @@ class ShardWriter:
         with open(entry.file, "rb") as src:
             self._copy_range(src, entry)
         self._f.seek(0, os.SEEK_END)
-        # The update runs on the hasher's thread, just before those bytes are hashed, while this
-        # thread copies the next tensors (the copies and the updates use both cores).
-        update = partial(self._patch, start, entry, patch) if patch and entry.nbytes else None
-        self._hasher.feed_range(self.path, start, start + entry.nbytes, update)
+        if patch is not None and entry.nbytes:
+            self._patch(start, entry, patch)
+        self._hasher.feed_range(self.path, start, start + entry.nbytes)
         self._start_sync()
 
     def _copy_range(self, src: BinaryIO, entry: TensorEntry) -> None:

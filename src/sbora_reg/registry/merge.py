@@ -187,8 +187,8 @@ def write_merged_weights(
     closing: dict[str, Future[str]] = {}  # shards being fsynced while the next is written
     backlog = Backlog()  # finished shards' hashers run beside the next shard's writing
     done = 0
-    with _one_thread():  # also for the updates that run on the hashers' threads
-        try:
+    try:
+        with _one_thread():
             for file, shard in plan:
                 writer = ShardWriter(out / file, shard, {"format": "pt"}, backlog)
                 try:
@@ -202,8 +202,8 @@ def write_merged_weights(
                     writer.abort()
                     raise
                 closing[file] = writer.close()
-        finally:
-            wait(closing.values())  # never leave a thread writing into a directory being removed
+    finally:
+        wait(closing.values())  # never leave a thread writing into a directory being removed
     hashes = {file: job.result() for file, job in closing.items()}
     if len(plan) > 1:
         index = {
