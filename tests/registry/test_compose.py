@@ -63,7 +63,9 @@ def members(*adapters: Adapter) -> list[Member]:
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    index = folder / INDEX_NAME
+    names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else ()
+    for file in sorted(folder / n for n in names) or sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
 
@@ -191,6 +193,23 @@ def test_a_sharded_base_gives_the_same_files_by_default(tmp_path: Path) -> None:
     assert {*shards, INDEX_NAME} <= set(result.files)
     assert_exact(out, base, ms)
     AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+def test_base_shards_named_without_a_suffix_are_merged_not_copied(tmp_path: Path) -> None:
+    """The output keeps the base's shard names; the side-file copy must not put the base's
+    unmerged shard back over the merged one."""
+    base = save_llama(tmp_path / "base", shard="60KB")
+    index = json.loads((base / INDEX_NAME).read_text())
+    renamed = {old: f"part-{k}" for k, old in enumerate(sorted(set(index["weight_map"].values())))}
+    for old, new in renamed.items():
+        (base / old).rename(base / new)
+    index["weight_map"] = {t: renamed[f] for t, f in index["weight_map"].items()}
+    (base / INDEX_NAME).write_text(json.dumps(index))
+    ms = members(make_adapter(base, {Q.format(0): ("fa", [0, 9]), V.format(1): ("fb", [3])}, 1))
+    out = tmp_path / "out"
+    compose_members(ms, base, out, command="test")
+    assert sorted(p.name for p in out.glob("part-*")) == sorted(renamed.values())
+    assert_exact(out, base, ms)
 
 
 def test_merged_model_logits_equal_dense_reference(llama: Path, tmp_path: Path) -> None:

@@ -105,9 +105,14 @@ class ComposeResult:
 
 
 def copy_side_files(base: Path, out: Path, dtype: str | None) -> None:
-    """Config, generation config, tokenizer and other small files; config dtype updated."""
+    """Config, generation config, tokenizer and other small files; config dtype updated.
+
+    A file the merge wrote already (a shard the base names oddly, kept by name) stays as written.
+    """
     for src in sorted(base.iterdir()):
         if not src.is_file() or src.name in _SKIP_NAMES or src.name.endswith(_SKIP_SUFFIXES):
+            continue
+        if (out / src.name).exists():
             continue
         if src.name == "config.json" and dtype is not None:
             config = json.loads(src.read_text())
